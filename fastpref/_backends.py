@@ -1,0 +1,99 @@
+"""Backend discovery and dispatch.
+
+Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``. A backend here is a module that
+implements the row-kernel contracts of ``fastpref.kernels.reference`` (``row_*`` for log-probs,
+``div_*`` for divergences);
+the ops in ``fastpref.ops`` do the chunking, the matmuls and the autograd around it.
+
+``auto``: CUDA tensors -> triton (torch when triton is missing); CPU tensors -> cpu (native C++) when the
+extension is built, else torch. Under ``TRITON_INTERPRET=1`` the triton backend also accepts CPU tensors,
+which is how the test-suite runs the Triton kernels without a GPU; ``auto`` never picks the interpreter.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import NamedTuple
+
+import torch
+
+NAMES = ("triton", "cuda", "cpu", "torch")
+
+
+class BackendInfo(NamedTuple):
+    available: bool
+    reason: str
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_info() -> BackendInfo:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return BackendInfo(False, f"triton is not installed ({e})")
+    if triton_interpreting():
+        return BackendInfo(True, "TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors")
+    if torch.cuda.is_available():
+        return BackendInfo(True, f"CUDA device: {torch.cuda.get_device_name()}")
+    return BackendInfo(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the interpreter)")
+
+
+def _cpu_info() -> BackendInfo:
+    from fastpref import _native
+
+    if _native.ext is None:
+        return BackendInfo(False, _native.error)
+    return BackendInfo(True, f"native extension, {_native.ext.build_info()}")
+
+
+def backends() -> dict[str, BackendInfo]:
+    """The backends of this process: ``{name: BackendInfo(available, reason)}``.
+
+    ``reason`` says why a backend is missing (or, for an available one, what it runs on).
+    """
+    return {
+        "triton": _triton_info(),
+        "cuda": BackendInfo(False, "the CUDA C++ kernels are not part of this release yet; use triton"),
+        "cpu": _cpu_info(),
+        "torch": BackendInfo(True, "pure PyTorch, any device"),
+    }
+
+
+# (backend, op family) -> module implementing that family's row-kernel contract.
+_MODULES = {
+    ("triton", "logprobs"): "fastpref.kernels.triton.logprobs",
+    ("triton", "divergence"): "fastpref.kernels.triton.divergence",
+    ("cpu", "logprobs"): "fastpref.kernels.cpu",
+    ("cpu", "divergence"): "fastpref.kernels.cpu",
+    ("torch", "logprobs"): "fastpref.kernels.reference",
+    ("torch", "divergence"): "fastpref.kernels.reference",
+}
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The concrete backend name for ``backend`` on tensors of ``device``; raises a clear error if unusable."""
+    if backend not in ("auto",) + NAMES:
+        raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
+    info = backends()
+    if backend == "auto":
+        if device.type == "cuda":
+            return "triton" if info["triton"].available else "torch"
+        if device.type == "cpu" and info["cpu"].available:
+            return "cpu"
+        return "torch"
+    if not info[backend].available:
+        raise RuntimeError(f"backend={backend!r} is not available: {info[backend].reason}")
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
+    return backend
+
+
+def row_kernels(name: str, family: str):
+    """The module implementing ``family``'s row-kernel contract ("logprobs" or "divergence") for a
+    resolved backend name."""
+    return importlib.import_module(_MODULES[name, family])

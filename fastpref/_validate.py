@@ -1,0 +1,52 @@
+"""Argument checks shared by the ops: every bad input becomes an exception that names the argument."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_float(name: str, t, *, dim: int | None = None, min_dim: int | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> None:
+    items = [(k, v) for k, v in tensors.items() if v is not None]
+    k0, t0 = items[0]
+    for k, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(f"{k} is on {t.device} but {k0} is on {t0.device}")
+
+
+def check_labels(labels, shape: torch.Size, vocab: int, ignore_index: int) -> None:
+    """labels: integer tensor of ``shape`` with values in [0, vocab) or == ignore_index."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != shape:
+        raise ValueError(f"labels must have shape {tuple(shape)} (the leading dims of the input), "
+                         f"got {tuple(labels.shape)}")
+    if labels.numel() == 0:
+        return
+    # One reduction and one host sync: the price of never reading a logit row out of bounds.
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = int(labels[bad].flatten()[0])
+        raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, found {value}")
+
+
+def check_positive(name: str, value, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

@@ -1,0 +1,140 @@
+"""Pure-PyTorch row kernels: the oracle for every other backend and the ``torch`` backend itself.
+
+Row-kernel contract (shared by ``kernels/cpu.py``, ``kernels/triton/logprobs.py`` and this file):
+
+``row_forward(x, labels, *, temperature, softcap, ignore_index, with_entropy) -> (logp, lse, entropy)``
+    x: [n, V] float16/bfloat16/float32 raw logits, last dim contiguous, any row stride.
+    labels: [n] int64, each in [0, V) or == ignore_index (validated by the caller).
+    Returns fp32 [n] tensors; ``entropy`` is None unless ``with_entropy``. Ignored rows give
+    logp = 0, entropy = 0 and lse = 0 (their logits are never read).
+
+``row_backward(x, labels, lse, entropy, grad_logp, grad_entropy, out, *, temperature, softcap, ignore_index)``
+    Writes dL/dx into ``out`` ([n, V], any float dtype, last dim contiguous, may alias ``x``: every
+    element is read before it is written). ``entropy`` / ``grad_entropy`` may be None (no entropy term),
+    ``grad_logp`` may be None (no log-prob term). Ignored rows get zeros.
+
+Math (z = softcap(x) / temperature, softcap(x) = c * tanh(x / c) when c > 0, else x;
+p = softmax(z), mu = sum_v p_v z_v = lse - H):
+    logp = z_y - lse,   H = lse - mu,
+    dL/dz_v = g_logp * (1[v == y] - p_v) - g_H * p_v * (z_v - mu),
+    dL/dx_v = dL/dz_v / temperature * (1 - tanh(x_v / c)^2 when softcapped).
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows per step, so fp32 temporaries stay near 64 MiB however many rows a call has.
+_TEMP_BYTES = 64 << 20
+
+
+def _rows_per_step(n: int, V: int) -> int:
+    return max(1, min(n, _TEMP_BYTES // (4 * max(V, 1))))
+
+
+def _scaled(x: torch.Tensor, temperature: float, softcap: float) -> torch.Tensor:
+    z = x.float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def row_forward(x, labels, *, temperature=1.0, softcap=0.0, ignore_index=-100, with_entropy=False):
+    n = x.shape[0]
+    logp = torch.zeros(n, dtype=torch.float32, device=x.device)
+    lse = torch.zeros_like(logp)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    step = _rows_per_step(n, x.shape[1])
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        y = labels[s:e]
+        keep = y != ignore_index
+        z = _scaled(x[s:e], temperature, softcap)
+        m = torch.logsumexp(z, dim=-1)
+        zy = z.gather(1, torch.where(keep, y, 0).unsqueeze(1)).squeeze(1)
+        lse[s:e] = torch.where(keep, m, 0.0)
+        logp[s:e] = torch.where(keep, zy - m, 0.0)
+        if with_entropy:
+            # -sum p (z - lse) rather than lse - sum p z: no cancellation when the logits are large.
+            zc = z - m.unsqueeze(1)
+            h = -(zc.exp() * zc).sum(-1)
+            entropy[s:e] = torch.where(keep, h, 0.0)
+    return logp, lse, entropy
+
+
+def row_backward(x, labels, lse, entropy, grad_logp, grad_entropy, out, *, temperature=1.0, softcap=0.0,
+                 ignore_index=-100):
+    n = x.shape[0]
+    step = _rows_per_step(n, x.shape[1])
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        y = labels[s:e]
+        keep = (y != ignore_index).unsqueeze(1)
+        z = _scaled(x[s:e], temperature, softcap)
+        p = torch.exp(z - lse[s:e].unsqueeze(1))
+        g = torch.zeros_like(z)
+        if grad_logp is not None:
+            gl = grad_logp[s:e].unsqueeze(1)
+            g -= gl * p
+            g.scatter_add_(1, torch.where(keep.squeeze(1), y, 0).unsqueeze(1), gl)
+        if grad_entropy is not None and entropy is not None:
+            mu = (lse[s:e] - entropy[s:e]).unsqueeze(1)
+            g -= grad_entropy[s:e].unsqueeze(1) * p * (z - mu)
+        if temperature != 1.0:
+            g /= temperature
+        if softcap > 0:
+            g *= 1.0 - torch.tanh(x[s:e].float() / softcap) ** 2
+        out[s:e] = torch.where(keep, g, 0.0).to(out.dtype)
+
+
+# Full-vocabulary f-divergences. Contract shared with kernels/cpu.py and kernels/triton/divergence.py:
+#
+# div_forward(x, xr, labels, *, div_id, param, temperature, ignore_index) -> (value, lse, lse_r, s_a, s_b)
+#     x, xr: [n, V] policy and reference logits (fp32/bf16/fp16, may differ; last dim contiguous).
+#     labels: [n] int64 or None; rows with labels == ignore_index give 0 everywhere and are never read.
+#     value = sum_v qf_v = D_f(p || q); s_a = sum_v pa_v; s_b = sum_v qb_v (terms: fastpref.divergences),
+#     p = softmax(x / T), q = softmax(xr / T). All outputs fp32 [n].
+# div_backward(x, xr, labels, lse, lse_r, s_a, s_b, grad, out_x, out_xr, *, div_id, param, temperature,
+#              ignore_index) -> None
+#     out_x = grad * (pa - p * s_a) / T, out_xr = grad * (qb - q * s_b) / T, written in their dtype;
+#     either may be None (not needed) and may alias x / xr. Masked rows get zeros.
+
+
+def div_forward(x, xr, labels, *, div_id, param, temperature=1.0, ignore_index=-100):
+    from fastpref.divergences import BY_KERNEL_ID
+
+    terms = BY_KERNEL_ID[div_id].terms
+    n = x.shape[0]
+    outs = [torch.zeros(n, dtype=torch.float32, device=x.device) for _ in range(5)]
+    step = _rows_per_step(n, x.shape[1])
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        keep = torch.ones(e - s, dtype=torch.bool, device=x.device) if labels is None else labels[s:e] != ignore_index
+        z, zr = _scaled(x[s:e], temperature, 0.0), _scaled(xr[s:e], temperature, 0.0)
+        lse, lse_r = torch.logsumexp(z, -1), torch.logsumexp(zr, -1)
+        qf, pa, qb = terms(z - lse[:, None], zr - lse_r[:, None], param)
+        for out, v in zip(outs, (qf.sum(-1), lse, lse_r, pa.sum(-1), qb.sum(-1))):
+            out[s:e] = torch.where(keep, v, 0.0)
+    return tuple(outs)
+
+
+def div_backward(x, xr, labels, lse, lse_r, s_a, s_b, grad, out_x, out_xr, *, div_id, param, temperature=1.0,
+                 ignore_index=-100):
+    from fastpref.divergences import BY_KERNEL_ID
+
+    terms = BY_KERNEL_ID[div_id].terms
+    n = x.shape[0]
+    step = _rows_per_step(n, x.shape[1])
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        keep = torch.ones(e - s, dtype=torch.bool, device=x.device) if labels is None else labels[s:e] != ignore_index
+        keep = keep[:, None]
+        lp = _scaled(x[s:e], temperature, 0.0) - lse[s:e, None]
+        lq = _scaled(xr[s:e], temperature, 0.0) - lse_r[s:e, None]
+        _, pa, qb = terms(lp, lq, param)
+        g = grad[s:e, None] / temperature
+        if out_x is not None:
+            out_x[s:e] = torch.where(keep, g * (pa - lp.exp() * s_a[s:e, None]), 0.0).to(out_x.dtype)
+        if out_xr is not None:
+            out_xr[s:e] = torch.where(keep, g * (qb - lq.exp() * s_b[s:e, None]), 0.0).to(out_xr.dtype)

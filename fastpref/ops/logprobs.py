@@ -1,0 +1,293 @@
+"""token_logprobs and linear_logprobs: autograd Functions (custom backward) and backend dispatch.
+
+The kernels live in ``fastpref/kernels`` and follow the row-kernel contract of
+``fastpref.kernels.reference``; this module turns them into differentiable ops.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from fastpref import _backends
+from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+
+
+def _f32(g):
+    return None if g is None else g.float().contiguous()
+
+
+def _row_pieces(x: torch.Tensor) -> list[torch.Tensor]:
+    """[..., V] -> 2-D views [rows, V] with unit column stride that cover the rows in order.
+
+    A sliced batch such as ``logits[:, :-1]`` cannot be viewed as one 2-D matrix, but each of its
+    sequences can: walking them avoids the full copy of the logits that ``reshape`` would make.
+    """
+    V = x.shape[-1]
+    if x.stride(-1) == 1:
+        try:
+            return [x.view(-1, V)]
+        except RuntimeError:
+            pass
+        if x.dim() >= 3:
+            return [x[idx] for idx in itertools.product(*map(range, x.shape[:-2]))]
+    return [x.contiguous().view(-1, V)]
+
+
+class TokenLogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend):
+        ops = _backends.row_kernels(backend, "logprobs")
+        kw = dict(temperature=temperature, softcap=0.0, ignore_index=ignore_index)
+        y = labels.reshape(-1)
+        outs, start = [], 0
+        for x in _row_pieces(logits):
+            n = x.shape[0]
+            outs.append(ops.row_forward(x, y[start:start + n], with_entropy=with_entropy, **kw))
+            start += n
+        logp = torch.cat([o[0] for o in outs]).view(labels.shape)
+        lse = torch.cat([o[1] for o in outs])
+        entropy = torch.cat([o[2] for o in outs]).view(labels.shape) if with_entropy else None
+        ctx.save_for_backward(logits, y, lse, entropy)
+        ctx.kw, ctx.backend = kw, backend
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, y, lse, entropy = ctx.saved_tensors
+        ops = _backends.row_kernels(ctx.backend, "logprobs")
+        gl, gh = _f32(grad_logp), _f32(grad_entropy)
+        gl = None if gl is None else gl.view(-1)
+        gh = None if gh is None else gh.view(-1)
+        ent = None if entropy is None or gh is None else entropy.view(-1)
+        # The gradient comes back in the logits' dtype, written by the kernel row by row: no fp32 copy.
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        rows = grad.view(-1, logits.shape[-1])
+        start = 0
+        for x in _row_pieces(logits):
+            sl = slice(start, start + x.shape[0])
+            ops.row_backward(x, y[sl], lse[sl], ent[sl] if ent is not None else None,
+                             gl[sl] if gl is not None else None, gh[sl] if gh is not None else None,
+                             rows[sl], **ctx.kw)
+            start = sl.stop
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return_entropy=False, backend="auto"):
+    """Per-token log-probability of ``labels`` under ``softmax(logits / temperature)``.
+
+    Args:
+        logits: [..., V] float32/bfloat16/float16. Any leading shape; rows may be strided (e.g.
+            ``logits[:, :-1]``) without a copy.
+        labels: [...] integer, in [0, V) or ``ignore_index``; ignored positions give 0 and no gradient.
+        temperature: > 0; the log-probs are those of the tempered distribution (as in PPO/GRPO rollouts).
+        return_entropy: also return the entropy H = lse(z) - sum_v p_v z_v of each position (0 where ignored),
+            differentiable.
+        backend: "auto", "triton", "cpu" or "torch" (see ``fastpref.backends()``).
+
+    Returns:
+        float32 ``logp`` of shape ``labels.shape``, or ``(logp, entropy)``. Gradients to ``logits`` come back
+        in its dtype.
+    """
+    check_float("logits", logits, min_dim=1)
+    if logits.shape[-1] == 0:
+        raise ValueError("logits must have a non-empty vocabulary dimension, got shape "
+                         f"{tuple(logits.shape)}")
+    check_same_device(logits=logits, labels=labels)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    check_positive("temperature", temperature)
+    name = _backends.resolve(backend, logits.device)
+    return TokenLogprobsFunction.apply(logits, labels, float(temperature), int(ignore_index),
+                                       bool(return_entropy), name)
+
+
+# Chunk buffers target this many bytes of logits (plus their gradient when it has another dtype).
+_CPU_CHUNK_BYTES = 64 << 20
+_GPU_CHUNK_BYTES_MAX = 1 << 30
+
+
+def _logits_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """bf16/fp16 logits on CUDA come out of the matmul in fp32 (fp32 accumulate, no rounding to bf16)."""
+    return torch.float32 if hidden.is_cuda else hidden.dtype
+
+
+def auto_chunk_size(n: int, V: int, hidden: torch.Tensor) -> int:
+    """Token rows per chunk: the logits buffer stays within a budget that depends on the device.
+
+    CPU: 64 MiB (GEMMs with fewer than ~512 rows lose speed on CPU, and 64 MiB at V = 32000 is 524 rows).
+    CUDA: 1/8 of the free memory, at most 1 GiB. Rounded to a multiple of 64 rows for GEMM tiling.
+    """
+    per_row = V * torch.finfo(_logits_dtype(hidden)).bits // 8
+    if _logits_dtype(hidden) != hidden.dtype:
+        per_row += V * hidden.element_size()
+    if hidden.is_cuda:
+        free, _ = torch.cuda.mem_get_info(hidden.device)
+        budget = min(_GPU_CHUNK_BYTES_MAX, max(64 << 20, free // 8))
+    else:
+        budget = _CPU_CHUNK_BYTES
+    rows = max(1, budget // per_row)
+    if rows >= 64:
+        rows -= rows % 64
+    return max(1, min(rows, n))
+
+
+def _chunk_logits(h, weight, bias, out):
+    """out[:] = h @ weight.T + bias, with fp32 output for half inputs on CUDA."""
+    if out.dtype != h.dtype:
+        torch.ops.aten.mm.dtype_out(h, weight.t(), out.dtype, out=out)
+        if bias is not None:
+            out.add_(bias)
+    elif bias is not None:
+        torch.addmm(bias, h, weight.t(), out=out)
+    else:
+        torch.mm(h, weight.t(), out=out)
+    return out
+
+
+def _accumulate_fp32(acc, a, b):
+    """acc (fp32) += a @ b without rounding the product to a's dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+class LinearLogprobsFunction(torch.autograd.Function):
+    """Forward keeps only lse (and entropy) per token; backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, softcap, ignore_index, with_entropy, chunk_size,
+                backend):
+        ops = _backends.row_kernels(backend, "logprobs")
+        kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
+        N, V = hidden.shape[0], weight.shape[0]
+        rows = _kept_rows(labels, ignore_index)
+        h, y = _select(hidden, labels, rows)
+        chunk = chunk_size or auto_chunk_size(h.shape[0], V, hidden)
+        logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.zeros_like(logp)
+        entropy = torch.zeros_like(logp) if with_entropy else None
+        buf = torch.empty(min(chunk, h.shape[0]), V, dtype=_logits_dtype(hidden), device=hidden.device)
+        for s in range(0, h.shape[0], chunk):
+            e = min(s + chunk, h.shape[0])
+            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
+            idx = rows[s:e] if rows is not None else slice(s, e)
+            logp[idx], lse[idx] = lp, ls
+            if with_entropy:
+                entropy[idx] = en
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.kw, ctx.backend, ctx.chunk = kw, backend, chunk
+        ctx.set_materialize_grads(False)
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        ops = _backends.row_kernels(ctx.backend, "logprobs")
+        V = weight.shape[0]
+        rows = _kept_rows(labels, ctx.kw["ignore_index"])
+        h, y = _select(hidden, labels, rows)
+        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t.index_select(0, rows))
+        gl, gh = pick(_f32(grad_logp)), pick(_f32(grad_entropy))
+        lse = pick(lse)
+        ent = pick(entropy) if gh is not None else None
+
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        n = h.shape[0]
+        chunk = min(ctx.chunk, max(n, 1))
+        buf = torch.empty(chunk, V, dtype=_logits_dtype(hidden), device=hidden.device)
+        # The kernel writes the gradient over the logits it reads when the dtypes agree (CPU, fp32).
+        gbuf = buf if buf.dtype == hidden.dtype else torch.empty(chunk, V, dtype=hidden.dtype, device=hidden.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            g = gbuf[: e - s]
+            ops.row_backward(z, y[s:e], lse[s:e], None if ent is None else ent[s:e],
+                             None if gl is None else gl[s:e], None if gh is None else gh[s:e], g, **ctx.kw)
+            if need_h:
+                torch.mm(g, weight, out=grad_h[s:e])
+            if need_w:
+                _accumulate_fp32(grad_w, g.t(), h[s:e])
+            if need_b:
+                grad_b += g.sum(0, dtype=torch.float32)
+        if need_h and rows is not None:
+            grad_h = torch.zeros_like(hidden).index_copy_(0, rows, grad_h)
+        return (grad_h,
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype),
+                None, None, None, None, None, None, None)
+
+
+def _kept_rows(labels, ignore_index):
+    """Indices of the non-ignored tokens, or None when none is ignored.
+
+    Skipping ignored tokens (prompt and padding in preference data) saves their share of every matmul.
+    """
+    keep = labels != ignore_index
+    if bool(keep.all()):
+        return None
+    return keep.nonzero().squeeze(1)
+
+
+def _select(hidden, labels, rows):
+    if rows is None:
+        return hidden, labels
+    return hidden.index_select(0, rows), labels.index_select(0, rows)
+
+
+def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
+                    return_entropy=False, chunk_size=None, backend="auto"):
+    """Per-token log-probs (and entropy) of ``labels`` under ``softmax(head(hidden))``, never holding [N, V].
+
+    logits = softcap(hidden @ weight.T + bias) / temperature, where softcap(x) = c * tanh(x / c) (Gemma-style,
+    applied to the raw logits before the temperature, as the model does before sampling).
+
+    Args:
+        hidden: [..., H] float32/bfloat16/float16 last hidden states.
+        weight: [V, H] output head (same dtype as ``hidden``); ``bias``: optional [V].
+        labels: [...] (the leading dims of ``hidden``), in [0, V) or ``ignore_index``.
+        chunk_size: token rows per chunk; default chosen from V and the device's (free) memory, see
+            ``auto_chunk_size``. Peak extra memory is O(chunk_size * V + N).
+        backend: "auto", "triton", "cpu" or "torch" for the row kernel run on each chunk.
+
+    The forward keeps only the log-sum-exp (and entropy) per token; the backward recomputes each chunk's
+    logits (4 matmuls in all against 3 for the naive path, in exchange for the memory). Ignored tokens are
+    dropped before any matmul. Gradients flow to hidden, weight and bias; the weight and bias gradients are
+    accumulated in fp32 and returned in their dtype.
+    """
+    check_float("hidden", hidden, min_dim=1)
+    check_float("weight", weight, dim=2)
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape [V, {H}] to match hidden [..., {H}], got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match hidden dtype {hidden.dtype}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
+    if bias is not None:
+        check_float("bias", bias, dim=1)
+        if bias.shape[0] != V:
+            raise ValueError(f"bias must have shape [{V}], got {tuple(bias.shape)}")
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
+    check_labels(labels, hidden.shape[:-1], V, ignore_index)
+    check_positive("temperature", temperature)
+    check_positive("softcap", softcap, allow_none=True)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    name = _backends.resolve(backend, hidden.device)
+    out = LinearLogprobsFunction.apply(hidden.reshape(-1, H), weight, bias, labels.reshape(-1), float(temperature),
+                                       float(softcap or 0.0), int(ignore_index), bool(return_entropy), chunk_size,
+                                       name)
+    if return_entropy:
+        return out[0].view(labels.shape), out[1].view(labels.shape)
+    return out.view(labels.shape)

@@ -1,0 +1,31 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter; it must be chosen before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastpref  # noqa: E402
+
+
+def available_backends():
+    return [name for name, info in fastpref.backends().items() if info.available]
+
+
+def backend_params(*names):
+    """pytest params for the named backends, skipped (with the reason) where unusable here."""
+    infos = fastpref.backends()
+    return [pytest.param(n, marks=pytest.mark.skipif(not infos[n].available, reason=infos[n].reason), id=n)
+            for n in names]
+
+
+@pytest.fixture
+def device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
