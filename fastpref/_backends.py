@@ -49,17 +49,20 @@ def _cpu_info() -> BackendInfo:
     return BackendInfo(True, f"native extension, {_native.ext.build_info()}")
 
 
+_INFO = {
+    "triton": _triton_info,
+    "cuda": lambda: BackendInfo(False, "the CUDA C++ kernels are not part of this release yet; use triton"),
+    "cpu": _cpu_info,
+    "torch": lambda: BackendInfo(True, "pure PyTorch, any device"),
+}
+
+
 def backends() -> dict[str, BackendInfo]:
     """The backends of this process: ``{name: BackendInfo(available, reason)}``.
 
     ``reason`` says why a backend is missing (or, for an available one, what it runs on).
     """
-    return {
-        "triton": _triton_info(),
-        "cuda": BackendInfo(False, "the CUDA C++ kernels are not part of this release yet; use triton"),
-        "cpu": _cpu_info(),
-        "torch": BackendInfo(True, "pure PyTorch, any device"),
-    }
+    return {name: info() for name, info in _INFO.items()}
 
 
 # (backend, op family) -> module implementing that family's row-kernel contract.
@@ -77,15 +80,15 @@ def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend name for ``backend`` on tensors of ``device``; raises a clear error if unusable."""
     if backend not in ("auto",) + NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
-    info = backends()
     if backend == "auto":
         if device.type == "cuda":
-            return "triton" if info["triton"].available else "torch"
-        if device.type == "cpu" and info["cpu"].available:
+            return "triton" if _INFO["triton"]().available else "torch"
+        if device.type == "cpu" and _INFO["cpu"]().available:
             return "cpu"
         return "torch"
-    if not info[backend].available:
-        raise RuntimeError(f"backend={backend!r} is not available: {info[backend].reason}")
+    info = _INFO[backend]()
+    if not info.available:
+        raise RuntimeError(f"backend={backend!r} is not available: {info.reason}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():

@@ -1,9 +1,10 @@
-"""Native C++ row kernels (``fastpref._C``) behind the row-kernel contract of ``fastpref.kernels.reference``.
+"""Native C++ row kernels (``fastpref._C``) behind the row-kernel contracts of ``fastpref.kernels.reference``.
 
-Same signatures and semantics as ``reference.row_forward`` / ``reference.row_backward``, on CPU tensors.
-Threads follow ``torch.get_num_threads()``. Labels outside [0, V) that are not ``ignore_index`` must be
-rejected by the caller (as the ops do); the kernel itself treats them as ignored rather than reading
-out of bounds.
+Same signatures and semantics as ``reference.row_forward`` / ``reference.row_backward`` and
+``reference.div_forward`` / ``reference.div_backward``, on CPU tensors.
+Threads follow ``torch.get_num_threads()``. For the log-prob kernels, labels outside [0, V) that are not
+``ignore_index`` must be rejected by the caller (as the ops do); the kernel itself treats them as ignored
+rather than reading out of bounds. The divergence kernels use labels only to mask rows.
 """
 from __future__ import annotations
 
@@ -82,3 +83,38 @@ def row_backward(x, labels, lse, entropy, grad_logp, grad_entropy, out, *, tempe
                      lse.data_ptr(), _ptr(entropy), _ptr(grad_logp), _ptr(grad_entropy),
                      out.data_ptr(), out.stride(0), _dtype_code("out", out),
                      float(temperature), float(softcap), int(ignore_index), torch.get_num_threads())
+
+
+def div_forward(x, xr, labels, *, div_id, param, temperature=1.0, ignore_index=-100):
+    ext = _ext()
+    _check_rows("x", x)
+    _check_rows("xr", xr, x.shape)
+    n, V = x.shape
+    labels = _row_vector("labels", labels, n, torch.int64)
+    outs = tuple(torch.empty(n, dtype=torch.float32) for _ in range(5))
+    ext.div_fwd(x.data_ptr(), x.stride(0), _dtype_code("x", x), xr.data_ptr(), xr.stride(0), _dtype_code("xr", xr),
+                n, V, _ptr(labels), int(ignore_index), int(div_id), float(param), float(temperature),
+                *(t.data_ptr() for t in outs), torch.get_num_threads())
+    return outs
+
+
+def div_backward(x, xr, labels, lse, lse_r, s_a, s_b, grad, out_x, out_xr, *, div_id, param, temperature=1.0,
+                 ignore_index=-100):
+    ext = _ext()
+    _check_rows("x", x)
+    _check_rows("xr", xr, x.shape)
+    n, V = x.shape
+    outs = []
+    for name, out in (("out_x", out_x), ("out_xr", out_xr)):
+        if out is None:
+            outs += [0, 0, 0]
+        else:
+            _check_rows(name, out, x.shape)
+            outs += [out.data_ptr(), out.stride(0), _dtype_code(name, out)]
+    f32 = torch.float32
+    labels = _row_vector("labels", labels, n, torch.int64)
+    stats = [_row_vector(name, t, n, f32) for name, t in
+             (("lse", lse), ("lse_r", lse_r), ("s_a", s_a), ("s_b", s_b), ("grad", grad))]
+    ext.div_bwd(x.data_ptr(), x.stride(0), _dtype_code("x", x), xr.data_ptr(), xr.stride(0), _dtype_code("xr", xr),
+                n, V, _ptr(labels), int(ignore_index), int(div_id), float(param), float(temperature),
+                *(t.data_ptr() for t in stats), *outs, torch.get_num_threads())

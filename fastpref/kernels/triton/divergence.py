@@ -1,0 +1,360 @@
+"""Triton twin of ``kernels/reference.py``'s ``div_forward`` / ``div_backward`` (contract: that module).
+
+One program per row pair (policy logits x, reference logits xr), looping over the vocabulary in ``BLOCK_V``
+chunks, all arithmetic fp32 in base 2 like ``logprobs.py``: w = z * log2(e), l2p = log2 p = w - lse2.
+
+Forward. Reverse and forward KL need a single pass: their value is an expectation of z - zr under p (or
+zr - z under q) minus a difference of log-sum-exps, so one online-softmax sweep that also carries the
+rescaled weighted sum gives it, and s_a, s_b follow in closed form. The other divergences need p and q
+themselves, so a first sweep finds both log-sum-exps and a second sums qf, pa and qb.
+
+Backward. One sweep recomputes p, q and the terms and writes out_x = grad (pa - p s_a) / T and
+out_xr = grad (qb - q s_b) / T, each element read before its gradient is written (in place is allowed).
+
+The terms are evaluated from d2 = log2(p / q) = (w - wr) - (lse2 - lse2_r), not from the difference of two
+log-probabilities: the logit difference keeps its precision whatever the logits' magnitude, and identical
+rows give d2 = 0 exactly, hence value 0 and zero gradients rather than rounding noise.
+
+``launch_configs()`` lists every compiled variant the launchers can ask for (see ``_aot.py``).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpref.divergences import BY_KERNEL_ID, REGISTRY
+
+_LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+# Finite stand-in for the logits of lanes past V (or of a masked row): p = q = 0 there, so every term is
+# 0 * finite = 0 without a select per term, and no exp2 of a positive difference can overflow.
+NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
+
+DIV_REVERSE_KL: tl.constexpr = tl.constexpr(REGISTRY["reverse_kl"].kernel_id)
+DIV_FORWARD_KL: tl.constexpr = tl.constexpr(REGISTRY["forward_kl"].kernel_id)
+DIV_JS: tl.constexpr = tl.constexpr(REGISTRY["js"].kernel_id)
+DIV_ALPHA: tl.constexpr = tl.constexpr(REGISTRY["alpha"].kernel_id)
+DIV_TV: tl.constexpr = tl.constexpr(REGISTRY["tv"].kernel_id)
+DIV_HELLINGER: tl.constexpr = tl.constexpr(REGISTRY["hellinger"].kernel_id)
+
+# (largest V, BLOCK_V, num_warps), first match wins; every entry multiplies the AOT check's variants.
+# Both give each thread 8 elements per row per block. Every block loads two rows, so that is as many bytes
+# in flight per thread as logprobs.py's 16 of one row, and 8 elements are whole 16-byte chunks for every
+# dtype, so aligned rows keep 128-bit loads and stores. The two-row working set (both rows, the terms, up
+# to three per-lane accumulators) then compiles to at most 64 registers (``python -m
+# fastpref.kernels.triton._aot``; Triton 3.9, sm_80/sm_90): four 8-warp programs fill an SM's 2048 threads.
+# Vocabularies up to 1024 take one 1024-wide block rather than a mostly masked 2048 one.
+_CONFIGS = (
+    (1024, 1024, 4),
+    (None, 2048, 8),
+)
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _config(V: int) -> tuple[int, int]:
+    return next((block_v, num_warps) for v_max, block_v, num_warps in _CONFIGS if v_max is None or V <= v_max)
+
+
+@triton.jit
+def _terms(l2p, l2q, d2, param, k0, k1, DIV: tl.constexpr):
+    """(p, q, qf, pa, qb) of ``fastpref.divergences`` from base-2 log-probabilities and d2 = log2(p / q).
+
+    k0, k1 are ``_coefficients()``'s per-divergence constants. js and alpha take qf = pa + qb (an identity
+    of every f-divergence, since p = q u): for js it is the registry's own formula, for alpha it adds terms
+    of size |p - q| rather than of size p, so it loses less to cancellation when p ~ q.
+    """
+    p = tl.exp2(l2p)
+    q = tl.exp2(l2q)
+    if DIV == DIV_REVERSE_KL:
+        qf = p * (d2 * LN2)
+        pa = qf + p
+        qb = -p
+    elif DIV == DIV_FORWARD_KL:
+        qf = -q * (d2 * LN2)
+        pa = -q
+        qb = qf + q
+    elif DIV == DIV_JS:
+        # h = log2(m / p) = log2(beta + (1 - beta) 2^-d2), so lp - lm = -h ln2 and lq - lm = -(d2 + h) ln2.
+        # Factored as log2(1 - c (1 - 2^-|d2|)) + max(-d2, 0) (c = 1 - beta if d2 >= 0, else beta): the
+        # log's argument lies in (0, 1] whatever d2, and d2 = 0 gives h = 0 exactly.
+        pos = d2 >= 0.0
+        h = tl.log2(1.0 - tl.where(pos, k0, param) * (1.0 - tl.exp2(-tl.abs(d2))))
+        h += tl.where(pos, 0.0, -d2)
+        pa = -(param * LN2) * p * h
+        qb = -(k0 * LN2) * q * (d2 + h)
+        qf = pa + qb
+    elif DIV == DIV_ALPHA:
+        # w = p^a q^(1-a) = q 2^(a d2): bounded by max(p, q), and exactly q (hence p) when d2 = 0.
+        w = tl.exp2(l2q + param * d2)
+        pa = (w - p) * k0
+        qb = (q - w) * k1
+        qf = pa + qb
+    elif DIV == DIV_TV:
+        diff = p - q
+        half_sign = tl.where(diff > 0.0, 0.5, tl.where(diff < 0.0, -0.5, 0.0))
+        qf = tl.abs(diff) * 0.5
+        pa = p * half_sign
+        qb = -q * half_sign
+    else:
+        tl.static_assert(DIV == DIV_HELLINGER)
+        # Square roots of p and q rather than p + q - 2 sqrt(pq): (sp - sq)^2 has no cancellation.
+        sp = tl.exp2(l2p * 0.5)
+        sq = tl.exp2(l2q * 0.5)
+        diff = sp - sq
+        qf = diff * diff
+        pa = sp * diff
+        qb = -sq * diff
+    return p, q, qf, pa, qb
+
+
+@triton.jit
+def _div_fwd_kernel(
+    x_ptr, xr_ptr, labels_ptr, value_ptr, lse_ptr, lse_r_ptr, sa_ptr, sb_ptr,
+    V, stride_x, stride_xr, ignore_index,
+    scale, param, k0, k1,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    v_end = V
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+        # Masked rows run zero iterations: their logits are never read.
+        v_end = tl.where(keep, V, 0)
+    x_row = x_ptr + row * stride_x
+    xr_row = xr_ptr + row * stride_xr
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full((), NEG_BIG, tl.float32)
+    mr = tl.full((), NEG_BIG, tl.float32)
+    s_acc = tl.zeros((BLOCK_V,), tl.float32)
+    sr_acc = tl.zeros((BLOCK_V,), tl.float32)
+    t_acc = tl.zeros((BLOCK_V,), tl.float32)
+    for v0 in range(0, v_end, BLOCK_V):
+        idx = v0 + cols
+        mask = idx < V
+        w = tl.where(mask, tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
+        wr = tl.where(mask, tl.load(xr_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
+        m_new = tl.maximum(m, tl.max(w, axis=0))
+        mr_new = tl.maximum(mr, tl.max(wr, axis=0))
+        alpha = tl.exp2(m - m_new)
+        alpha_r = tl.exp2(mr - mr_new)
+        e = tl.exp2(w - m_new)
+        er = tl.exp2(wr - mr_new)
+        s_acc = s_acc * alpha + e
+        sr_acc = sr_acc * alpha_r + er
+        # KL's expectation rides along, rescaled with the sum whose weights it uses.
+        if DIV == DIV_REVERSE_KL:
+            t_acc = t_acc * alpha + e * (w - wr)
+        elif DIV == DIV_FORWARD_KL:
+            t_acc = t_acc * alpha_r + er * (wr - w)
+        m = m_new
+        mr = mr_new
+    s = tl.sum(s_acc, axis=0)
+    sr = tl.sum(sr_acc, axis=0)
+    if HAS_LABELS:
+        # A masked row summed nothing; 1 keeps its discarded results finite (no log2(0), no 0/0).
+        s = tl.where(keep, s, 1.0)
+        sr = tl.where(keep, sr, 1.0)
+    lse2 = m + tl.log2(s)
+    lse2_r = mr + tl.log2(sr)
+    dl = lse2 - lse2_r
+    if DIV == DIV_REVERSE_KL:
+        # sum p (lp - lq) = E_p[z - zr] - (lse - lse_r); pa = p (lp - lq + 1), qb = -p.
+        value = (tl.sum(t_acc, axis=0) / s - dl) * LN2
+        s_a = value + 1.0
+        s_b = tl.full((), -1.0, tl.float32)
+    elif DIV == DIV_FORWARD_KL:
+        value = (tl.sum(t_acc, axis=0) / sr + dl) * LN2
+        s_a = tl.full((), -1.0, tl.float32)
+        s_b = value + 1.0
+    else:
+        qf_acc = tl.zeros((BLOCK_V,), tl.float32)
+        pa_acc = tl.zeros((BLOCK_V,), tl.float32)
+        qb_acc = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, v_end, BLOCK_V):
+            idx = v0 + cols
+            mask = idx < V
+            w = tl.where(mask, tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
+            wr = tl.where(mask, tl.load(xr_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
+            _, _, qf, pa, qb = _terms(w - lse2, wr - lse2_r, (w - wr) - dl, param, k0, k1, DIV)
+            qf_acc += qf
+            pa_acc += pa
+            qb_acc += qb
+        value = tl.sum(qf_acc, axis=0)
+        s_a = tl.sum(pa_acc, axis=0)
+        s_b = tl.sum(qb_acc, axis=0)
+    lse = lse2 * LN2
+    lse_r = lse2_r * LN2
+    if HAS_LABELS:
+        value = tl.where(keep, value, 0.0)
+        lse = tl.where(keep, lse, 0.0)
+        lse_r = tl.where(keep, lse_r, 0.0)
+        s_a = tl.where(keep, s_a, 0.0)
+        s_b = tl.where(keep, s_b, 0.0)
+    tl.store(value_ptr + row, value)
+    tl.store(lse_ptr + row, lse)
+    tl.store(lse_r_ptr + row, lse_r)
+    tl.store(sa_ptr + row, s_a)
+    tl.store(sb_ptr + row, s_b)
+
+
+@triton.jit
+def _div_bwd_kernel(
+    x_ptr, xr_ptr, labels_ptr, lse_ptr, lse_r_ptr, sa_ptr, sb_ptr, grad_ptr, out_x_ptr, out_xr_ptr,
+    V, stride_x, stride_xr, stride_out_x, stride_out_xr, ignore_index,
+    scale, inv_temperature, param, k0, k1,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_OUT_X: tl.constexpr, HAS_OUT_XR: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    g = tl.load(grad_ptr + row) * inv_temperature
+    lse2 = tl.load(lse_ptr + row) * LOG2E
+    lse2_r = tl.load(lse_r_ptr + row) * LOG2E
+    s_a = tl.load(sa_ptr + row)
+    s_b = tl.load(sb_ptr + row)
+    v_read = V
+    if HAS_LABELS:
+        # Zeros in every per-row scalar (whatever the caller left there, NaN included) and no reads make
+        # every lane's p = q = 0 and its gradient 0, while the stores still write the row's zeros.
+        keep = tl.load(labels_ptr + row) != ignore_index
+        v_read = tl.where(keep, V, 0)
+        g = tl.where(keep, g, 0.0)
+        lse2 = tl.where(keep, lse2, 0.0)
+        lse2_r = tl.where(keep, lse2_r, 0.0)
+        s_a = tl.where(keep, s_a, 0.0)
+        s_b = tl.where(keep, s_b, 0.0)
+    dl = lse2 - lse2_r
+    x_row = x_ptr + row * stride_x
+    xr_row = xr_ptr + row * stride_xr
+    out_x_row = out_x_ptr + row * stride_out_x
+    out_xr_row = out_xr_ptr + row * stride_out_xr
+    cols = tl.arange(0, BLOCK_V)
+    for v0 in range(0, V, BLOCK_V):
+        idx = v0 + cols
+        read = idx < v_read
+        w = tl.where(read, tl.load(x_row + idx, mask=read, other=0.0).to(tl.float32) * scale, NEG_BIG)
+        wr = tl.where(read, tl.load(xr_row + idx, mask=read, other=0.0).to(tl.float32) * scale, NEG_BIG)
+        p, q, _, pa, qb = _terms(w - lse2, wr - lse2_r, (w - wr) - dl, param, k0, k1, DIV)
+        if HAS_OUT_X:
+            tl.store(out_x_row + idx, (g * (pa - p * s_a)).to(out_x_ptr.dtype.element_ty), mask=idx < V)
+        if HAS_OUT_XR:
+            tl.store(out_xr_row + idx, (g * (qb - q * s_b)).to(out_xr_ptr.dtype.element_ty), mask=idx < V)
+
+
+def _check_rows(t: torch.Tensor, name: str, shape=None) -> None:
+    if t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name} must be [n, V] with a contiguous last dim, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+    if shape is not None and t.shape != shape:
+        raise ValueError(f"{name} shape {tuple(t.shape)} != x shape {tuple(shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32/bfloat16/float16, got {t.dtype}")
+
+
+def _coefficients(div_id: int, param: float) -> tuple[float, float]:
+    """(k0, k1) for ``_terms``, from the parameter in double: js (1 - beta, unused), alpha
+    (1 / (alpha - 1), 1 / alpha) so that the kernel multiplies instead of dividing, none for the others."""
+    if div_id not in BY_KERNEL_ID:
+        raise ValueError(f"unknown divergence kernel id {div_id!r}; valid: {sorted(BY_KERNEL_ID)}")
+    if div_id == DIV_JS.value:
+        return 1.0 - param, 0.0
+    if div_id == DIV_ALPHA.value:
+        return 1.0 / (param - 1.0), 1.0 / param
+    return 0.0, 0.0
+
+
+def _row_vec(t: torch.Tensor) -> torch.Tensor:
+    # Per-row scalars may arrive expanded (stride 0) or in another float dtype; one fp32 layout keeps the
+    # compiled variants to those launch_configs() lists.
+    return t.to(torch.float32).contiguous()
+
+
+def div_forward(x, xr, labels, *, div_id, param, temperature=1.0, ignore_index=-100):
+    _check_rows(x, "x")
+    _check_rows(xr, "xr", x.shape)
+    k0, k1 = _coefficients(div_id, param)
+    n, V = x.shape
+    value, lse, lse_r, s_a, s_b = (torch.empty(n, dtype=torch.float32, device=x.device) for _ in range(5))
+    if n == 0:
+        return value, lse, lse_r, s_a, s_b
+    block_v, num_warps = _config(V)
+    # Without labels the pointer slot gets value: a None would compile a separate variant.
+    labels_arg = value if labels is None else labels.to(torch.int64).contiguous()
+    _div_fwd_kernel[(n,)](
+        x, xr, labels_arg, value, lse, lse_r, s_a, s_b,
+        V, x.stride(0), xr.stride(0), ignore_index,
+        _LOG2E / temperature, float(param), k0, k1,
+        DIV=div_id, HAS_LABELS=labels is not None, BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+    return value, lse, lse_r, s_a, s_b
+
+
+def div_backward(x, xr, labels, lse, lse_r, s_a, s_b, grad, out_x, out_xr, *, div_id, param, temperature=1.0,
+                 ignore_index=-100):
+    _check_rows(x, "x")
+    _check_rows(xr, "xr", x.shape)
+    if out_x is not None:
+        _check_rows(out_x, "out_x", x.shape)
+    if out_xr is not None:
+        _check_rows(out_xr, "out_xr", x.shape)
+    k0, k1 = _coefficients(div_id, param)
+    n, V = x.shape
+    if n == 0 or (out_x is None and out_xr is None):
+        return
+    block_v, num_warps = _config(V)
+    lse = _row_vec(lse)
+    labels_arg = lse if labels is None else labels.to(torch.int64).contiguous()
+    # A missing output's slot gets its input (same dtype, never written): one variant per flag, not per dtype.
+    _div_bwd_kernel[(n,)](
+        x, xr, labels_arg, lse, _row_vec(lse_r), _row_vec(s_a), _row_vec(s_b), _row_vec(grad),
+        x if out_x is None else out_x, xr if out_xr is None else out_xr,
+        V, x.stride(0), xr.stride(0), 0 if out_x is None else out_x.stride(0),
+        0 if out_xr is None else out_xr.stride(0), ignore_index,
+        _LOG2E / temperature, 1.0 / temperature, float(param), k0, k1,
+        DIV=div_id, HAS_LABELS=labels is not None, HAS_OUT_X=out_x is not None, HAS_OUT_XR=out_xr is not None,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+
+
+def launch_configs():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can launch.
+
+    Each pointer takes its own dtype (fp32/bf16/fp16; an absent output has its input's), so the list is the
+    full cross product: 216 forward and 3240 backward variants. Integer arguments are ``i32`` and
+    pointers/V/strides 16-divisible, as in ``logprobs.launch_configs()``.
+    """
+    dtypes = list(_DTYPES.values())
+    configs = []
+    for _, block_v, num_warps in _CONFIGS:
+        for div_id in sorted(BY_KERNEL_ID):
+            for has_labels in (True, False):
+                labels_ty = "*i64" if has_labels else "*fp32"
+                for x_ty in dtypes:
+                    for xr_ty in dtypes:
+                        sig = {"x_ptr": f"*{x_ty}", "xr_ptr": f"*{xr_ty}", "labels_ptr": labels_ty,
+                               "value_ptr": "*fp32", "lse_ptr": "*fp32", "lse_r_ptr": "*fp32", "sa_ptr": "*fp32",
+                               "sb_ptr": "*fp32", "V": "i32", "stride_x": "i32", "stride_xr": "i32",
+                               "ignore_index": "i32", "scale": "fp32", "param": "fp32", "k0": "fp32",
+                               "k1": "fp32", "DIV": "constexpr", "HAS_LABELS": "constexpr", "BLOCK_V": "constexpr"}
+                        const = {"DIV": div_id, "HAS_LABELS": has_labels, "BLOCK_V": block_v}
+                        configs.append((_div_fwd_kernel, sig, const, num_warps))
+                        for has_x, has_xr in ((True, True), (True, False), (False, True)):
+                            for ox_ty in dtypes if has_x else [x_ty]:
+                                for oxr_ty in dtypes if has_xr else [xr_ty]:
+                                    sig = {"x_ptr": f"*{x_ty}", "xr_ptr": f"*{xr_ty}", "labels_ptr": labels_ty,
+                                           "lse_ptr": "*fp32", "lse_r_ptr": "*fp32", "sa_ptr": "*fp32",
+                                           "sb_ptr": "*fp32", "grad_ptr": "*fp32", "out_x_ptr": f"*{ox_ty}",
+                                           "out_xr_ptr": f"*{oxr_ty}", "V": "i32", "stride_x": "i32",
+                                           "stride_xr": "i32", "stride_out_x": "i32", "stride_out_xr": "i32",
+                                           "ignore_index": "i32", "scale": "fp32", "inv_temperature": "fp32",
+                                           "param": "fp32", "k0": "fp32", "k1": "fp32", "DIV": "constexpr",
+                                           "HAS_LABELS": "constexpr", "HAS_OUT_X": "constexpr",
+                                           "HAS_OUT_XR": "constexpr", "BLOCK_V": "constexpr"}
+                                    const = {"DIV": div_id, "HAS_LABELS": has_labels, "HAS_OUT_X": has_x,
+                                             "HAS_OUT_XR": has_xr, "BLOCK_V": block_v}
+                                    configs.append((_div_bwd_kernel, sig, const, num_warps))
+    return configs

@@ -1,0 +1,209 @@
+"""token_divergence and linear_token_divergence: full-vocabulary D_f(pi || pi_ref) per position.
+
+Autograd Functions over the divergence row kernels (contract at the bottom of
+``fastpref.kernels.reference``); the registry of divergences is ``fastpref.divergences``.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastpref import _backends, divergences
+from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+from fastpref.ops.logprobs import _accumulate_fp32, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces
+
+
+class TokenDivergenceFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ref_logits, labels, kw, backend):
+        ops = _backends.row_kernels(backend, "divergence")
+        V = logits.shape[-1]
+        x, xr = _two_d(logits), _two_d(ref_logits)
+        y = None if labels is None else labels.reshape(-1)
+        value, *stats = ops.div_forward(x, xr, y, **kw)
+        ctx.save_for_backward(logits, ref_logits, y, value, *stats)
+        ctx.kw, ctx.backend, ctx.V = kw, backend, V
+        return value.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, ref_logits, y, _, lse, lse_r, s_a, s_b = ctx.saved_tensors
+        need_x, need_r = ctx.needs_input_grad[:2]
+        ops = _backends.row_kernels(ctx.backend, "divergence")
+        gx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if need_x else None
+        gr = torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device) if need_r else None
+        ops.div_backward(_two_d(logits), _two_d(ref_logits), y, lse, lse_r, s_a, s_b,
+                         grad.float().reshape(-1).contiguous(), None if gx is None else gx.view(-1, ctx.V),
+                         None if gr is None else gr.view(-1, ctx.V), **ctx.kw)
+        return gx, gr, None, None, None
+
+
+def _two_d(t):
+    """[..., V] -> [N, V] with unit column stride (a view when the layout allows, else a copy)."""
+    pieces = _row_pieces(t)
+    return pieces[0] if len(pieces) == 1 else t.reshape(-1, t.shape[-1]).contiguous()
+
+
+def _check_common(divergence, params, labels, shape, V, ignore_index, temperature, device, **tensors):
+    d, param = divergences.get(divergence, params)
+    check_same_device(**tensors, labels=labels)
+    if labels is not None:
+        check_labels(labels, shape, V, ignore_index)
+    check_positive("temperature", temperature)
+    return dict(div_id=d.kernel_id, param=param, temperature=float(temperature), ignore_index=int(ignore_index))
+
+
+def token_divergence(logits, ref_logits, *, divergence="reverse_kl", labels=None, ignore_index=-100,
+                     temperature=1.0, backend="auto", **params):
+    """Per-position full-vocabulary f-divergence D_f(pi || pi_ref) = sum_v pi_ref f(pi / pi_ref).
+
+    pi = softmax(logits / temperature), pi_ref = softmax(ref_logits / temperature) (the same temperature
+    for both, as when both come from one sampling setup).
+
+    Args:
+        logits, ref_logits: [..., V], float32/bfloat16/float16 (their dtypes may differ).
+        divergence: a name in ``fastpref.divergences.REGISTRY``: reverse_kl, forward_kl, js (``beta``,
+            default 0.5), alpha (``alpha``, default 0.5, TRL's convention: alpha -> 1 is reverse KL), tv,
+            hellinger. Parameters go as keyword arguments and must lie in (0, 1).
+        labels: optional [...] integer tensor; it only masks positions (``ignore_index`` -> 0, no gradient).
+
+    Returns:
+        fp32 [...] values. Gradients flow to ``logits`` and, when it requires grad, to ``ref_logits``
+        (on-policy distillation). ``tv``'s gradient is a subgradient: sign(0) = 0 where pi == pi_ref.
+    """
+    check_float("logits", logits, min_dim=1)
+    check_float("ref_logits", ref_logits, min_dim=1)
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+                         f"got {tuple(ref_logits.shape)}")
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
+    kw = _check_common(divergence, params, labels, logits.shape[:-1], logits.shape[-1], ignore_index, temperature,
+                       logits.device, logits=logits, ref_logits=ref_logits)
+    name = _backends.resolve(backend, logits.device)
+    return TokenDivergenceFunction.apply(logits, ref_logits, labels, kw, name)
+
+
+class LinearTokenDivergenceFunction(torch.autograd.Function):
+    """Chunks of both heads' logits in bounded buffers; backward recomputes them."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kw, chunk_size, backend):
+        from fastpref.ops.logprobs import auto_chunk_size
+
+        ops = _backends.row_kernels(backend, "divergence")
+        N, V = hidden.shape[0], weight.shape[0]
+        rows = None if labels is None else _kept_rows(labels, kw["ignore_index"])
+        sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        h, hr = sel(hidden), sel(ref_hidden)
+        n = h.shape[0]
+        chunk = chunk_size or max(1, auto_chunk_size(n, 2 * V, hidden))
+        outs = [torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(5)]
+        buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
+        rbuf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(ref_hidden), device=hidden.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            zr = _chunk_logits(hr[s:e], ref_weight, ref_bias, rbuf[: e - s])
+            res = ops.div_forward(z, zr, None, **kw)
+            idx = rows[s:e] if rows is not None else slice(s, e)
+            for out, r in zip(outs, res):
+                out[idx] = r
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *outs[1:])
+        ctx.kw, ctx.backend, ctx.chunk = kw, backend, chunk
+        return outs[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r, s_a, s_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        ops = _backends.row_kernels(ctx.backend, "divergence")
+        V = weight.shape[0]
+        rows = None if labels is None else _kept_rows(labels, ctx.kw["ignore_index"])
+        sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        h, hr = sel(hidden), sel(ref_hidden)
+        g_all, lse, lse_r, s_a, s_b = (sel(t) for t in (grad.float().contiguous(), lse, lse_r, s_a, s_b))
+        n = h.shape[0]
+        chunk = min(ctx.chunk, max(n, 1))
+        sides = []
+        for (hh, w, b, need_h, need_w, need_b) in ((h, weight, bias, *needs[0:3]), (hr, ref_weight, ref_bias, *needs[3:6])):
+            need_any = need_h or need_w or need_b
+            buf = torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device)
+            gbuf = buf if buf.dtype == hh.dtype else torch.empty(chunk, V, dtype=hh.dtype, device=hh.device)
+            sides.append(dict(
+                h=hh, w=w, b=b, need=need_any, buf=buf, gbuf=gbuf if need_any else None,
+                gh=torch.empty_like(hh) if need_h else None,
+                gw=torch.zeros(V, w.shape[1], dtype=torch.float32, device=w.device) if need_w else None,
+                gb=torch.zeros(V, dtype=torch.float32, device=w.device) if need_b else None))
+        pol, ref = sides
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _chunk_logits(h[s:e], weight, bias, pol["buf"][: e - s])
+            zr = _chunk_logits(hr[s:e], ref_weight, ref_bias, ref["buf"][: e - s])
+            outs = [None if side["gbuf"] is None else side["gbuf"][: e - s] for side in sides]
+            ops.div_backward(z, zr, None, lse[s:e], lse_r[s:e], s_a[s:e], s_b[s:e], g_all[s:e], *outs, **ctx.kw)
+            for side, g in zip(sides, outs):
+                if g is None:
+                    continue
+                if side["gh"] is not None:
+                    torch.mm(g, side["w"], out=side["gh"][s:e])
+                if side["gw"] is not None:
+                    _accumulate_fp32(side["gw"], g.t(), side["h"][s:e])
+                if side["gb"] is not None:
+                    side["gb"] += g.sum(0, dtype=torch.float32)
+        result = []
+        for side, full_h in zip(sides, (hidden, ref_hidden)):
+            gh = side["gh"]
+            if gh is not None and rows is not None:
+                gh = torch.zeros_like(full_h).index_copy_(0, rows, gh)
+            result += [gh, None if side["gw"] is None else side["gw"].to(side["w"].dtype),
+                       None if side["gb"] is None else side["gb"].to(side["b"].dtype)]
+        return (*result, None, None, None, None)
+
+
+def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergence="reverse_kl", bias=None,
+                            ref_bias=None, labels=None, ignore_index=-100, temperature=1.0, chunk_size=None,
+                            backend="auto", **params):
+    """``token_divergence`` of ``hidden @ weight.T + bias`` against ``ref_hidden @ ref_weight.T + ref_bias``.
+
+    Neither [N, V] logits is materialized: both heads run on bounded chunks of tokens (forward keeps the
+    log-sum-exps and two per-token sums; backward recomputes both chunks). Gradients flow to every tensor
+    that requires one, the reference side included (distillation); weight/bias gradients accumulate in
+    fp32. Positions masked by ``labels`` are dropped before the matmuls.
+
+    hidden [..., H], weight [V, H]; ref_hidden [..., H_ref] with the same leading dims, ref_weight
+    [V, H_ref] (the reference may have another hidden size). See ``token_divergence`` for the rest.
+    """
+    check_float("hidden", hidden, min_dim=1)
+    check_float("ref_hidden", ref_hidden, min_dim=1)
+    for name, w, h, b in (("weight", weight, hidden, bias), ("ref_weight", ref_weight, ref_hidden, ref_bias)):
+        prefix = name[: -len("weight")]
+        check_float(name, w, dim=2)
+        if w.shape[1] != h.shape[-1]:
+            raise ValueError(f"{name} must have shape [V, {h.shape[-1]}] to match {prefix}hidden, "
+                             f"got {tuple(w.shape)}")
+        if w.dtype != h.dtype:
+            raise TypeError(f"{name} dtype {w.dtype} must match {prefix}hidden dtype {h.dtype}")
+        if b is not None:
+            check_float(f"{prefix}bias", b, dim=1)
+            if b.shape[0] != w.shape[0] or b.dtype != h.dtype:
+                raise ValueError(f"{prefix}bias must be [{w.shape[0]}] of dtype {h.dtype}, got "
+                                 f"{tuple(b.shape)} {b.dtype}")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight has {ref_weight.shape[0]} rows but weight has {weight.shape[0]}: "
+                         "both heads must share the vocabulary")
+    if ref_hidden.shape[:-1] != hidden.shape[:-1]:
+        raise ValueError(f"ref_hidden leading dims {tuple(ref_hidden.shape[:-1])} must match hidden's "
+                         f"{tuple(hidden.shape[:-1])}")
+    V = weight.shape[0]
+    if V == 0:
+        raise ValueError("weight must have at least one row (vocabulary size V >= 1)")
+    kw = _check_common(divergence, params, labels, hidden.shape[:-1], V, ignore_index, temperature,
+                       hidden.device, hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                       bias=bias, ref_bias=ref_bias)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    name = _backends.resolve(backend, hidden.device)
+    out = LinearTokenDivergenceFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+        ref_weight, ref_bias, None if labels is None else labels.reshape(-1), kw, chunk_size, name)
+    return out.view(hidden.shape[:-1])
