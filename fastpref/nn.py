@@ -1,0 +1,40 @@
+"""torch.nn.Module wrappers of the losses: keyword configuration in ``__init__``, tensors in ``forward``."""
+from __future__ import annotations
+
+import torch
+
+from fastpref.ops.preference import bt_loss, dpo_loss
+
+
+class DPOLoss(torch.nn.Module):
+    """``dpo_loss`` as a module: ``DPOLoss(beta=0.1, loss_type="sigmoid", ...)(chosen_logps, rejected_logps,
+    ref_chosen_logps, ref_rejected_logps, chosen_lengths=None, rejected_lengths=None)`` -> PreferenceOutput."""
+
+    def __init__(self, *, beta=0.1, loss_type="sigmoid", divergence="reverse_kl", label_smoothing=0.0,
+                 reduction="mean", **params):
+        super().__init__()
+        self.config = dict(beta=beta, loss_type=loss_type, divergence=divergence, label_smoothing=label_smoothing,
+                           reduction=reduction, **params)
+
+    def forward(self, chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
+                chosen_lengths=None, rejected_lengths=None):
+        return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **self.config)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class BTLoss(torch.nn.Module):
+    """``bt_loss`` as a module: ``BTLoss(center_coef=0.01)(chosen_rewards, rejected_rewards, margin=None)``."""
+
+    def __init__(self, *, center_coef=0.0, reduction="mean"):
+        super().__init__()
+        self.center_coef, self.reduction = center_coef, reduction
+
+    def forward(self, chosen_rewards, rejected_rewards, margin=None):
+        return bt_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=self.center_coef,
+                       reduction=self.reduction)
+
+    def extra_repr(self):
+        return f"center_coef={self.center_coef!r}, reduction={self.reduction!r}"

@@ -1,0 +1,204 @@
+"""Preference losses over sequence log-probs: the DPO family (with f-divergence scores), SimPO, ORPO, and
+Bradley-Terry for reward models. Elementwise on [B] vectors, so autograd through torch ops is exact and
+cheap; the fused-linear form that produces the sequence log-probs is ``linear_dpo_loss`` (not yet).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastpref import divergences
+
+
+class PreferenceOutput(NamedTuple):
+    loss: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    metrics: dict
+
+
+# Types whose loss is a function of the divergence scores s = g(rho) (f-DPO applies to them).
+SCORE_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "discopop", "sigmoid_norm")
+# Types defined on the log-ratios rho themselves (reverse-KL only, as in TRL).
+RATIO_TYPES = ("nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down")
+REFERENCE_FREE = ("simpo", "orpo")
+LOSS_TYPES = SCORE_TYPES + RATIO_TYPES + REFERENCE_FREE
+LENGTH_NORMALIZED = ("ipo", "sigmoid_norm", "simpo", "orpo")
+_PARAMS = {"simpo": {"gamma": 0.5}, "discopop": {"tau": 0.05}}
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x|."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _check_vector(name, t, like=None):
+    if not isinstance(t, torch.Tensor) or not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point torch.Tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if t.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [B], got shape {tuple(t.shape)}")
+    if like is not None and (t.shape != like.shape or t.device != like.device):
+        raise ValueError(f"{name} must match chosen_logps ({tuple(like.shape)} on {like.device}), "
+                         f"got {tuple(t.shape)} on {t.device}")
+
+
+def _reduce(per_pair, reduction):
+    if reduction == "mean":
+        return per_pair.mean()
+    if reduction == "sum":
+        return per_pair.sum()
+    return per_pair
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta=0.1,
+             loss_type="sigmoid", divergence="reverse_kl", label_smoothing=0.0, reduction="mean",
+             chosen_lengths=None, rejected_lengths=None, **params):
+    """DPO-family loss from sequence log-probs [B] (summed over completion tokens).
+
+    Loss types (TRL 1.x DPOTrainer formulas unless noted; s = g(rho) the divergence score of
+    rho = logp - ref_logp, D = s_w - s_l, eps = label_smoothing):
+    sigmoid ``-(1-eps) log sig(beta D) - eps log sig(-beta D)`` (conservative DPO; TRL dropped eps here,
+    DESIGN.md keeps it), hinge, ipo (scores divided by the completion lengths, as TRL does), robust,
+    exo_pair (needs eps > 0), discopop (``tau``, default 0.05), sigmoid_norm (length-normalized sigmoid),
+    and on the log-ratios: nca_pair, bco_pair, sppo_hard, aot, aot_unpaired, apo_zero, apo_down.
+    Reference-free: simpo ``-log sig(beta (avg_w - avg_l) - gamma)`` (``gamma``, default 0.5, with eps
+    smoothing as TRL's CPO) and orpo ``NLL(y_w) - beta log sig(log odds_w - log odds_l)`` (beta is ORPO's
+    lambda; NLL is the token mean over the batch's chosen completions).
+
+    ``divergence`` (reverse_kl, forward_kl, js, alpha; param ``alpha`` or ``js_beta``) picks the f-DPO score
+    g from ``fastpref.divergences`` for the score types; constants of f' are dropped (DESIGN.md), which only
+    matters for the length-normalized ipo and sigmoid_norm, where TRL keeps them.
+
+    ``chosen_lengths`` / ``rejected_lengths`` (completion token counts [B]) are required by ipo,
+    sigmoid_norm, simpo and orpo. Rewards are ``beta * rho`` (``beta * avg logp`` for simpo/orpo),
+    detached. Metrics use TRL's names.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        raise ValueError("loss_type='exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _check_vector("chosen_logps", chosen_logps)
+    _check_vector("rejected_logps", rejected_logps, chosen_logps)
+    own = dict(_PARAMS.get(loss_type, {}))
+    for k in list(params):
+        if k in own:
+            own[k] = params.pop(k)
+    if "js_beta" in params:
+        params["beta"] = params.pop("js_beta")
+    div, div_param = divergences.get(divergence, params)
+    if divergence != "reverse_kl" and loss_type not in SCORE_TYPES:
+        raise ValueError(f"divergence={divergence!r} applies to the score-based loss types {SCORE_TYPES}, "
+                         f"not to {loss_type!r}")
+    if div.score is None:
+        raise ValueError(f"divergence {divergence!r} has no DPO score; use one of "
+                         f"{[n for n, d in divergences.REGISTRY.items() if d.score is not None]}")
+    if loss_type in LENGTH_NORMALIZED:
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError(f"loss_type={loss_type!r} is length-normalized: pass chosen_lengths and rejected_lengths")
+        lw = torch.as_tensor(chosen_lengths, device=chosen_logps.device).float().clamp(min=1)
+        ll = torch.as_tensor(rejected_lengths, device=chosen_logps.device).float().clamp(min=1)
+        _check_vector("chosen_lengths", lw, chosen_logps)
+        _check_vector("rejected_lengths", ll, chosen_logps)
+    lw_ = lw if loss_type in LENGTH_NORMALIZED else None
+    ll_ = ll if loss_type in LENGTH_NORMALIZED else None
+    cw, cl = chosen_logps.float(), rejected_logps.float()
+    eps = label_smoothing
+
+    if loss_type in REFERENCE_FREE:
+        if ref_chosen_logps is not None or ref_rejected_logps is not None:
+            raise ValueError(f"loss_type={loss_type!r} is reference-free: do not pass reference log-probs")
+        aw, al = cw / lw_, cl / ll_
+        if loss_type == "simpo":
+            z = beta * (aw - al) - own["gamma"]
+            per_pair = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        else:
+            log_odds = (aw - al) - (_log1mexp(aw) - _log1mexp(al))
+            nll = -cw.sum() / lw_.sum()
+            per_pair = nll - beta * F.logsigmoid(log_odds)
+        rw, rl = beta * aw.detach(), beta * al.detach()
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
+        _check_vector("ref_chosen_logps", ref_chosen_logps, chosen_logps)
+        _check_vector("ref_rejected_logps", ref_rejected_logps, chosen_logps)
+        rho_w, rho_l = cw - ref_chosen_logps.float(), cl - ref_rejected_logps.float()
+        per_pair = _per_pair(loss_type, rho_w, rho_l, cw - cl, ref_chosen_logps.float() - ref_rejected_logps.float(),
+                             lambda r: div.score(r, div_param), beta, eps, own, lw_, ll_)
+        rw, rl = beta * rho_w.detach(), beta * rho_l.detach()
+    metrics = {
+        "rewards/chosen": rw.mean(), "rewards/rejected": rl.mean(),
+        "rewards/accuracies": (rw > rl).float().mean(), "rewards/margins": (rw - rl).mean(),
+        "logps/chosen": chosen_logps.detach().float().mean(), "logps/rejected": rejected_logps.detach().float().mean(),
+    }
+    return PreferenceOutput(_reduce(per_pair, reduction), rw, rl, metrics)
+
+
+def _per_pair(loss_type, rho_w, rho_l, logratios, ref_logratios, score, beta, eps, own, lw, ll):
+    if loss_type in SCORE_TYPES:
+        s_w, s_l = score(rho_w), score(rho_l)
+        z = beta * (s_w - s_l)
+        if loss_type == "sigmoid":
+            return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+        if loss_type == "hinge":
+            return torch.relu(1 - z)
+        if loss_type == "ipo":
+            return (s_w / lw - s_l / ll - 1 / (2 * beta)) ** 2
+        if loss_type == "robust":
+            return (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps)
+        if loss_type == "exo_pair":
+            return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                    + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+        if loss_type == "discopop":
+            mix = torch.sigmoid(z / own["tau"])
+            return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+        return -F.logsigmoid(beta * (s_w / lw - s_l / ll))  # sigmoid_norm
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_l)
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * rho_w) - F.logsigmoid(-beta * rho_l)
+    if loss_type == "sppo_hard":
+        return (rho_w - 0.5 / beta) ** 2 + (rho_l + 0.5 / beta) ** 2
+    if loss_type in ("aot", "aot_unpaired"):
+        a, b = (logratios, ref_logratios) if loss_type == "aot" else (rho_w, rho_l)
+        d = beta * (torch.sort(a).values - torch.sort(b).values)
+        return -(1 - eps) * F.logsigmoid(d) - eps * F.logsigmoid(-d)
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * rho_w) + torch.sigmoid(beta * rho_l)
+    return torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(beta * (rho_w - rho_l))  # apo_down
+
+
+def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, reduction="mean"):
+    """Bradley-Terry reward-model loss (TRL RewardTrainer): per pair ``-log sig(r_w - r_l - margin)
+    + center_coef * (r_w + r_l)^2`` (reward centering), so that the mean is TRL's loss.
+
+    Returns a PreferenceOutput whose rewards are the inputs (detached) and whose metrics are TRL's
+    ``accuracy`` and ``margin``.
+    """
+    _check_vector("chosen_rewards", chosen_rewards)
+    _check_vector("rejected_rewards", rejected_rewards, chosen_rewards)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(center_coef, (int, float)) or center_coef < 0:
+        raise ValueError(f"center_coef must be a number >= 0, got {center_coef!r}")
+    rw, rl = chosen_rewards.float(), rejected_rewards.float()
+    diff = rw - rl
+    if margin is not None:
+        margin = torch.as_tensor(margin, device=rw.device, dtype=torch.float32)
+        if margin.dim() > 0 and margin.shape != rw.shape:
+            raise ValueError(f"margin must be a scalar or of shape {tuple(rw.shape)}, got {tuple(margin.shape)}")
+        diff = diff - margin
+    per_pair = -F.logsigmoid(diff)
+    if center_coef:
+        per_pair = per_pair + center_coef * (rw + rl) ** 2
+    loss = _reduce(per_pair, reduction)
+    metrics = {"accuracy": (rw > rl).float().mean().detach(), "margin": (rw - rl).mean().detach()}
+    return PreferenceOutput(loss, chosen_rewards.detach(), rejected_rewards.detach(), metrics)
