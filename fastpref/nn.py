@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from fastpref.ops.linear_preference import linear_dpo_loss
 from fastpref.ops.preference import bt_loss, dpo_loss
 
 
@@ -38,3 +39,25 @@ class BTLoss(torch.nn.Module):
 
     def extra_repr(self):
         return f"center_coef={self.center_coef!r}, reduction={self.reduction!r}"
+
+
+class LinearDPOLoss(torch.nn.Module):
+    """``linear_dpo_loss`` as a module: ``LinearDPOLoss(beta=0.1, loss_type="sigmoid", ...)(hidden, weight,
+    labels, bias=None, ref_chosen_logps=None, ref_rejected_logps=None, ref_hidden=None, ref_weight=None,
+    ref_bias=None)`` -> PreferenceOutput."""
+
+    def __init__(self, *, beta=0.1, loss_type="sigmoid", divergence="reverse_kl", label_smoothing=0.0,
+                 nll_coef=0.0, reduction="mean", ignore_index=-100, chunk_size=None, backend="auto", **params):
+        super().__init__()
+        self.config = dict(beta=beta, loss_type=loss_type, divergence=divergence, label_smoothing=label_smoothing,
+                           nll_coef=nll_coef, reduction=reduction, ignore_index=ignore_index, chunk_size=chunk_size,
+                           backend=backend, **params)
+
+    def forward(self, hidden, weight, labels, *, bias=None, ref_chosen_logps=None, ref_rejected_logps=None,
+                ref_hidden=None, ref_weight=None, ref_bias=None):
+        return linear_dpo_loss(hidden, weight, labels, bias=bias, ref_chosen_logps=ref_chosen_logps,
+                               ref_rejected_logps=ref_rejected_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                               ref_bias=ref_bias, **self.config)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())

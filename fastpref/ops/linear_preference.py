@@ -1,0 +1,260 @@
+"""linear_dpo_loss: sequence log-probs from hidden states and the head, and the DPO-family loss, in one call.
+
+Never holds [N, V] logits. The loss is a function of the 2B sequence log-prob sums only, and for every
+type but aot, aot_unpaired and orpo it is a sum over pairs. Tokens are therefore processed pair by pair:
+when a chunk holds whole pairs, their loss gradient is known as soon as the chunk's log-probs are, and
+the chunk's gradients are computed from the logits still in the buffer (3 matmuls per token instead of
+4). Otherwise (a pair larger than the chunk, or a loss that couples pairs) a first pass computes all
+sequence log-probs and a second recomputes each chunk for the gradients.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastpref import _backends
+from fastpref._validate import check_float, check_labels, check_same_device
+from fastpref.ops.logprobs import _accumulate_fp32, _chunk_logits, _logits_dtype, auto_chunk_size, linear_logprobs
+from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
+
+_COUPLED = ("aot", "aot_unpaired", "orpo")  # their loss does not split into independent pairs
+
+
+def _pair_order(labels, ignore_index):
+    """Flat indices of the kept tokens grouped pair by pair (chosen i, then rejected i), the sequence of each,
+    and the cumulative token count at the end of each pair."""
+    two_b, T = labels.shape
+    B = two_b // 2
+    keep = labels != ignore_index
+    row = torch.arange(two_b, device=labels.device)
+    key = ((row % B) * 2 + (row >= B)).unsqueeze(1) * T + torch.arange(T, device=labels.device)
+    flat = keep.flatten().nonzero().squeeze(1)
+    order = flat[torch.argsort(key.flatten()[flat])]
+    seq = order // T
+    per_pair = keep.sum(1).view(2, B).sum(0)
+    return order, seq, torch.cumsum(per_pair, 0), keep.sum(1)
+
+
+def _chunks(pair_end, chunk, decomposable):
+    """Token ranges [s, e) and the pairs they complete; ranges end on pair boundaries when pairs fit."""
+    ends = pair_end.tolist()
+    total = ends[-1] if ends else 0
+    if not decomposable or max((b - a for a, b in zip([0] + ends, ends)), default=0) > chunk:
+        return [(s, min(s + chunk, total), None) for s in range(0, total, chunk)]
+    out, s, first = [], 0, 0
+    for p, e in enumerate(ends):
+        if e - s > chunk:
+            out.append((s, ends[p - 1], (first, p)))
+            s, first = ends[p - 1], p
+    if total > s:
+        out.append((s, total, (first, len(ends))))
+    return out
+
+
+class _LinearDPOFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, ref_logps, cfg):
+        ops = _backends.row_kernels(cfg["backend"], "logprobs")
+        two_b = labels.shape[0]
+        B = two_b // 2
+        order, seq, pair_end, lengths = _pair_order(labels, cfg["ignore_index"])
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, order)
+        y = labels.reshape(-1).index_select(0, order)
+        n, V = h.shape[0], weight.shape[0]
+        # Inside forward grad mode is off; the caller's mode (eval: no gradient work) comes in cfg.
+        need = [ctx.needs_input_grad[i] and cfg["grad"] for i in range(3)]
+        need_any = any(need)
+        decomposable = cfg["loss_type"] not in _COUPLED
+        chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, pair_end, decomposable and need_any)
+        plan = _chunks(pair_end, chunk, decomposable)
+        one_pass = need_any and all(p is not None for _, _, p in plan)
+        kw = dict(temperature=1.0, softcap=0.0, ignore_index=cfg["ignore_index"])
+
+        chosen_tokens = lengths[:B].sum().clamp(min=1)
+        seq_logps = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
+        token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        grads = _Grads(h, weight, bias, need)
+        buf = torch.empty(min(chunk, max(n, 1)), V, dtype=_logits_dtype(hidden), device=hidden.device)
+        gbuf = buf if buf.dtype == hidden.dtype else torch.empty_like(buf, dtype=hidden.dtype)
+        coef = None
+        for s, e, pairs in plan:
+            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            lp, ls, _ = ops.row_forward(z, y[s:e], **kw)
+            token_logp[s:e], lse[s:e] = lp, ls
+            seq_logps.index_add_(0, seq[s:e], lp)
+            if one_pass:
+                # These pairs are complete: their loss gradient per sequence is known now.
+                idx = torch.cat([torch.arange(*pairs, device=h.device), torch.arange(*pairs, device=h.device) + B])
+                c = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, idx)
+                g = gbuf[: e - s]
+                ops.row_backward(z, y[s:e], ls, None, c[seq[s:e]], None, g, **kw)
+                grads.add(g, s, e)
+        if need_any and not one_pass:
+            coef = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, None)
+            for s, e, _ in plan:
+                z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+                g = gbuf[: e - s]
+                ops.row_backward(z, y[s:e], lse[s:e], None, coef[seq[s:e]], None, g, **kw)
+                grads.add(g, s, e)
+        out = _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B)
+        gh, gw, gb = grads.result(hidden, order)
+        ctx.save_for_backward(gh, gw, gb)
+        ctx.mark_non_differentiable(*out[1:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        gh, gw, gb = ctx.saved_tensors
+        if bool(grad_loss == 1):  # the usual loss.backward(): no copy of the weight-sized gradient
+            return gh, gw, gb, None, None, None
+        scale = (lambda t: None if t is None else t * grad_loss.to(t.dtype))
+        return scale(gh), scale(gw), scale(gb), None, None, None
+
+
+def _auto_chunk(n, V, hidden, pair_end, one_pass_possible):
+    """The log-prob chunk budget, stretched up to 4x so that the largest pair fits in one chunk when that
+    lets the gradients be computed in the forward: one matmul in four saved for a bounded buffer."""
+    base = auto_chunk_size(max(n, 1), V, hidden)
+    if one_pass_possible and pair_end.numel():
+        largest = int(torch.diff(pair_end, prepend=pair_end.new_zeros(1)).max())
+        if base < largest <= 4 * base:
+            return largest
+    return base
+
+
+class _Grads:
+    """Accumulators of the gradients of hidden (rows in pair order), weight and bias (fp32)."""
+
+    def __init__(self, h, weight, bias, need):
+        self.h, self.weight = h, weight
+        self.gh = torch.empty_like(h) if need[0] else None
+        self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+
+    def add(self, g, s, e):
+        if self.gh is not None:
+            torch.mm(g, self.weight, out=self.gh[s:e])
+        if self.gw is not None:
+            _accumulate_fp32(self.gw, g.t(), self.h[s:e])
+        if self.gb is not None:
+            self.gb += g.sum(0, dtype=torch.float32)
+
+    def result(self, hidden, order):
+        gh = None
+        if self.gh is not None:
+            gh = torch.zeros(hidden.shape[0] * hidden.shape[1], hidden.shape[2], dtype=hidden.dtype,
+                             device=hidden.device).index_copy_(0, order, self.gh).view(hidden.shape)
+        gw = None if self.gw is None else self.gw.to(self.weight.dtype)
+        return gh, gw, (None if self.gb is None else self.gb.to(self.weight.dtype))
+
+
+def _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B):
+    """(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) and the metrics dict."""
+    out = _preference(seq_logps, ref_logps, lengths, cfg, B, None)
+    loss = out.loss
+    if cfg["nll_coef"]:
+        loss = loss - cfg["nll_coef"] * seq_logps[:B].sum() / chosen_tokens
+    return loss, out.chosen_rewards, out.rejected_rewards, seq_logps[:B].clone(), seq_logps[B:].clone()
+
+
+def _preference(seq_logps, ref_logps, lengths, cfg, B, idx, reduction=None):
+    w, l = seq_logps[:B], seq_logps[B:]
+    rw = rl = None
+    if ref_logps is not None:
+        rw, rl = ref_logps[:B], ref_logps[B:]
+    lw, ll = lengths[:B], lengths[B:]
+    if idx is not None:  # a subset of pairs (idx holds chosen rows then their rejected rows)
+        pairs = idx[: idx.shape[0] // 2]
+        w, l, lw, ll = w[pairs], l[pairs], lw[pairs], ll[pairs]
+        if rw is not None:
+            rw, rl = rw[pairs], rl[pairs]
+    return dpo_loss(w, l, rw, rl, beta=cfg["beta"], loss_type=cfg["loss_type"], divergence=cfg["divergence"],
+                    label_smoothing=cfg["label_smoothing"], reduction=reduction or cfg["reduction"],
+                    chosen_lengths=lw, rejected_lengths=ll, **cfg["params"])
+
+
+def _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, idx):
+    """d loss / d sequence log-prob for the sequences in ``idx`` (all when None), zero elsewhere."""
+    x = seq_logps.detach().requires_grad_()
+    with torch.enable_grad():
+        if idx is None:
+            loss = _preference(x, ref_logps, lengths, cfg, B, None).loss
+        else:
+            per_pair = _preference(x, ref_logps, lengths, cfg, B, idx, reduction="none").loss
+            loss = per_pair.sum() / (B if cfg["reduction"] == "mean" else 1)
+        (c,) = torch.autograd.grad(loss, x)
+    if cfg["nll_coef"]:
+        nll = torch.zeros_like(c)
+        rows = torch.arange(B, device=c.device) if idx is None else idx[: idx.shape[0] // 2]
+        nll[rows] = -cfg["nll_coef"] / chosen_tokens
+        c = c + nll
+    return c
+
+
+def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None, ref_rejected_logps=None,
+                    ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.1, loss_type="sigmoid",
+                    divergence="reverse_kl", label_smoothing=0.0, nll_coef=0.0, reduction="mean",
+                    ignore_index=-100, chunk_size=None, backend="auto", **params):
+    """DPO-family loss straight from hidden states: hidden [2B, T, H] (the B chosen rows first), the head
+    weight [V, H] (+ bias), labels [2B, T] already shifted, ``ignore_index`` on prompt and padding.
+
+    Sequence log-prob = sum of the completion tokens' log-probs (the length-normalized types ipo,
+    sigmoid_norm, simpo and orpo divide by the completion lengths, see ``dpo_loss``). The reference comes
+    either precomputed (``ref_chosen_logps`` / ``ref_rejected_logps``, [B] sums) or from ``ref_hidden`` +
+    ``ref_weight`` (+ ``ref_bias``), computed chunkwise without gradient. ``nll_coef`` adds RPO's
+    ``nll_coef * NLL(chosen)`` (token mean over the batch's chosen completions). ``reduction`` is "mean"
+    or "sum" (the loss must be a scalar: gradients are computed inside the forward and scaled in backward).
+
+    ``chunk_size`` (tokens per chunk) defaults to the log-prob budget (``auto_chunk_size``), stretched up to
+    4x when that makes the largest pair fit, so that the gradients come out of the forward pass (3 matmuls
+    per token, not 4). Returns a PreferenceOutput whose metrics also hold the per-sequence
+    ``chosen_logps`` and ``rejected_logps`` [B]. Without grad (eval) no gradient work is done.
+    """
+    check_float("hidden", hidden, dim=3)
+    check_float("weight", weight, dim=2)
+    if hidden.shape[0] % 2:
+        raise ValueError(f"hidden must hold B chosen then B rejected rows: an even first dim, got {hidden.shape[0]}")
+    if weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must be [V, {hidden.shape[2]}] of dtype {hidden.dtype}, got "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != hidden.dtype):
+        raise ValueError(f"bias must be [{weight.shape[0]}] of dtype {hidden.dtype}")
+    check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    check_labels(labels, hidden.shape[:2], weight.shape[0], ignore_index)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss, got {reduction!r}")
+    if nll_coef < 0:
+        raise ValueError(f"nll_coef must be >= 0, got {nll_coef!r}")
+    B = hidden.shape[0] // 2
+    has_pre = ref_chosen_logps is not None or ref_rejected_logps is not None
+    has_model = ref_hidden is not None or ref_weight is not None
+    if has_pre and has_model:
+        raise ValueError("pass either ref_chosen_logps/ref_rejected_logps or ref_hidden/ref_weight, not both")
+    ref_logps = None
+    if has_pre:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError("pass both ref_chosen_logps and ref_rejected_logps")
+        for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+            if t.shape != (B,):
+                raise ValueError(f"{name} must have shape ({B},), got {tuple(t.shape)}")
+        ref_logps = torch.cat([ref_chosen_logps, ref_rejected_logps]).float().detach()
+    elif has_model:
+        if ref_hidden is None or ref_weight is None:
+            raise ValueError("pass both ref_hidden and ref_weight")
+        with torch.no_grad():
+            ref_tok = linear_logprobs(ref_hidden, ref_weight, labels, bias=ref_bias, ignore_index=ignore_index,
+                                      chunk_size=chunk_size, backend=backend)
+        ref_logps = ref_tok.sum(1)
+    cfg = dict(beta=beta, loss_type=loss_type, divergence=divergence, label_smoothing=label_smoothing,
+               nll_coef=nll_coef, reduction=reduction, ignore_index=int(ignore_index), chunk_size=chunk_size,
+               backend=_backends.resolve(backend, hidden.device), params=params, grad=torch.is_grad_enabled())
+    # Validates every loss option on small vectors before any matmul runs.
+    lengths = (labels != ignore_index).sum(1)
+    probe = torch.zeros(2 * B, device=hidden.device)
+    _preference(probe, None if ref_logps is None else probe, lengths, cfg, B, None)
+    loss, rw, rl, cw, cl = _LinearDPOFunction.apply(hidden, weight, bias, labels, ref_logps, cfg)
+    metrics = _preference(torch.cat([cw, cl]), ref_logps, lengths, cfg, B, None).metrics
+    metrics.update(chosen_logps=cw, rejected_logps=cl)
+    return PreferenceOutput(loss, rw, rl, metrics)
