@@ -75,13 +75,14 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
         ninja = _tool("ninja")
-        cache = build_dir / "CMakeCache.txt"
-        # A build folder keeps the generator it was configured with; only pick one for a fresh folder.
-        if ninja and not cache.exists():
+        if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         args += shlex.split(os.environ.get("CMAKE_ARGS", ""))
 
-        build_dir.mkdir(parents=True, exist_ok=True)
+        # Always configure afresh: a cache left in build/ by an earlier isolated build names a cmake and
+        # ninja from a build environment pip has since deleted, and reusing it fails the whole build.
+        shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir(parents=True)
         subprocess.run([cmake, "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
         jobs = self.parallel or os.cpu_count() or 1
         subprocess.run([cmake, "--build", str(build_dir), "--config", config, "--parallel", str(jobs)],
