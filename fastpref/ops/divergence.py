@@ -9,7 +9,7 @@ import torch
 
 from fastpref import _backends, divergences
 from fastpref._validate import check_float, check_labels, check_positive, check_same_device
-from fastpref.ops.logprobs import _accumulate_fp32, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces
+from fastpref.ops.logprobs import HeadGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, chunk_buffers
 
 
 class TokenDivergenceFunction(torch.autograd.Function):
@@ -124,39 +124,24 @@ class LinearTokenDivergenceFunction(torch.autograd.Function):
         g_all, lse, lse_r, s_a, s_b = (sel(t) for t in (grad.float().contiguous(), lse, lse_r, s_a, s_b))
         n = h.shape[0]
         chunk = min(ctx.chunk, max(n, 1))
-        sides = []
-        for (hh, w, b, need_h, need_w, need_b) in ((h, weight, bias, *needs[0:3]), (hr, ref_weight, ref_bias, *needs[3:6])):
-            need_any = need_h or need_w or need_b
-            buf = torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device)
-            gbuf = buf if buf.dtype == hh.dtype else torch.empty(chunk, V, dtype=hh.dtype, device=hh.device)
-            sides.append(dict(
-                h=hh, w=w, b=b, need=need_any, buf=buf, gbuf=gbuf if need_any else None,
-                gh=torch.empty_like(hh) if need_h else None,
-                gw=torch.zeros(V, w.shape[1], dtype=torch.float32, device=w.device) if need_w else None,
-                gb=torch.zeros(V, dtype=torch.float32, device=w.device) if need_b else None))
-        pol, ref = sides
+        sides = []  # (HeadGrads or None for a frozen head, logits buffer, gradient buffer or None)
+        for hh, w, b, need in ((h, weight, bias, needs[0:3]), (hr, ref_weight, ref_bias, needs[3:6])):
+            if any(need):
+                sides.append((HeadGrads(hh, w, b, need), *chunk_buffers(chunk, V, hh)))
+            else:
+                sides.append((None, torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device), None))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = _chunk_logits(h[s:e], weight, bias, pol["buf"][: e - s])
-            zr = _chunk_logits(hr[s:e], ref_weight, ref_bias, ref["buf"][: e - s])
-            outs = [None if side["gbuf"] is None else side["gbuf"][: e - s] for side in sides]
+            z = _chunk_logits(h[s:e], weight, bias, sides[0][1][: e - s])
+            zr = _chunk_logits(hr[s:e], ref_weight, ref_bias, sides[1][1][: e - s])
+            outs = [None if gbuf is None else gbuf[: e - s] for _, _, gbuf in sides]
             ops.div_backward(z, zr, None, lse[s:e], lse_r[s:e], s_a[s:e], s_b[s:e], g_all[s:e], *outs, **ctx.kw)
-            for side, g in zip(sides, outs):
-                if g is None:
-                    continue
-                if side["gh"] is not None:
-                    torch.mm(g, side["w"], out=side["gh"][s:e])
-                if side["gw"] is not None:
-                    _accumulate_fp32(side["gw"], g.t(), side["h"][s:e])
-                if side["gb"] is not None:
-                    side["gb"] += g.sum(0, dtype=torch.float32)
+            for (grads, _, _), g in zip(sides, outs):
+                if grads is not None:
+                    grads.add(g, s, e)
         result = []
-        for side, full_h in zip(sides, (hidden, ref_hidden)):
-            gh = side["gh"]
-            if gh is not None and rows is not None:
-                gh = torch.zeros_like(full_h).index_copy_(0, rows, gh)
-            result += [gh, None if side["gw"] is None else side["gw"].to(side["w"].dtype),
-                       None if side["gb"] is None else side["gb"].to(side["b"].dtype)]
+        for (grads, _, _), full_h in zip(sides, (hidden, ref_hidden)):
+            result += grads.result(full_h, rows) if grads is not None else (None, None, None)
         return (*result, None, None, None, None)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_same_device
-from fastpref.ops.logprobs import _accumulate_fp32, _chunk_logits, _logits_dtype, auto_chunk_size, linear_logprobs
+from fastpref.ops.logprobs import HeadGrads, _chunk_logits, auto_chunk_size, chunk_buffers, linear_logprobs
 from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
 
 _COUPLED = ("aot", "aot_unpaired", "orpo")  # their loss does not split into independent pairs
@@ -73,9 +73,8 @@ class _LinearDPOFunction(torch.autograd.Function):
         seq_logps = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
         token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grads = _Grads(h, weight, bias, need)
-        buf = torch.empty(min(chunk, max(n, 1)), V, dtype=_logits_dtype(hidden), device=hidden.device)
-        gbuf = buf if buf.dtype == hidden.dtype else torch.empty_like(buf, dtype=hidden.dtype)
+        grads = HeadGrads(h, weight, bias, need)
+        buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
         coef = None
         for s, e, pairs in plan:
             z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
@@ -97,7 +96,8 @@ class _LinearDPOFunction(torch.autograd.Function):
                 ops.row_backward(z, y[s:e], lse[s:e], None, coef[seq[s:e]], None, g, **kw)
                 grads.add(g, s, e)
         out = _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B)
-        gh, gw, gb = grads.result(hidden, order)
+        gh, gw, gb = grads.result(hidden.reshape(-1, hidden.shape[-1]), order)
+        gh = None if gh is None else gh.view(hidden.shape)
         ctx.save_for_backward(gh, gw, gb)
         ctx.mark_non_differentiable(*out[1:])
         return out
@@ -120,32 +120,6 @@ def _auto_chunk(n, V, hidden, pair_end, one_pass_possible):
         if base < largest <= 4 * base:
             return largest
     return base
-
-
-class _Grads:
-    """Accumulators of the gradients of hidden (rows in pair order), weight and bias (fp32)."""
-
-    def __init__(self, h, weight, bias, need):
-        self.h, self.weight = h, weight
-        self.gh = torch.empty_like(h) if need[0] else None
-        self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
-        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
-
-    def add(self, g, s, e):
-        if self.gh is not None:
-            torch.mm(g, self.weight, out=self.gh[s:e])
-        if self.gw is not None:
-            _accumulate_fp32(self.gw, g.t(), self.h[s:e])
-        if self.gb is not None:
-            self.gb += g.sum(0, dtype=torch.float32)
-
-    def result(self, hidden, order):
-        gh = None
-        if self.gh is not None:
-            gh = torch.zeros(hidden.shape[0] * hidden.shape[1], hidden.shape[2], dtype=hidden.dtype,
-                             device=hidden.device).index_copy_(0, order, self.gh).view(hidden.shape)
-        gw = None if self.gw is None else self.gw.to(self.weight.dtype)
-        return gh, gw, (None if self.gb is None else self.gb.to(self.weight.dtype))
 
 
 def _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B):

@@ -155,6 +155,40 @@ def _accumulate_fp32(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
+def chunk_buffers(rows, V, hidden):
+    """The logits buffer for ``rows`` tokens and the buffer the row kernel writes the gradient into: the
+    same one when the dtypes agree (CPU, fp32), so the gradient overwrites the logits it was read from."""
+    buf = torch.empty(rows, V, dtype=_logits_dtype(hidden), device=hidden.device)
+    return buf, buf if buf.dtype == hidden.dtype else torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
+
+
+class HeadGrads:
+    """Gradients of a linear head's input rows ``h``, weight and bias, accumulated chunk by chunk from the
+    gradient of the chunk's logits; weight and bias in fp32. ``need`` = (hidden, weight, bias)."""
+
+    def __init__(self, h, weight, bias, need):
+        self.h, self.weight, self.bias = h, weight, bias
+        self.gh = torch.empty_like(h) if need[0] else None
+        self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
+
+    def add(self, g, s, e):
+        if self.gh is not None:
+            torch.mm(g, self.weight, out=self.gh[s:e])
+        if self.gw is not None:
+            _accumulate_fp32(self.gw, g.t(), self.h[s:e])
+        if self.gb is not None:
+            self.gb += g.sum(0, dtype=torch.float32)
+
+    def result(self, hidden, rows):
+        """(grad hidden, grad weight, grad bias); ``h`` was ``hidden[rows]`` (rows None: all of it, in order)."""
+        gh = self.gh
+        if gh is not None and rows is not None:
+            gh = torch.zeros_like(hidden).index_copy_(0, rows, gh)
+        return (gh, None if self.gw is None else self.gw.to(self.weight.dtype),
+                None if self.gb is None else self.gb.to(self.bias.dtype))
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Forward keeps only lse (and entropy) per token; backward recomputes each chunk's logits."""
 
@@ -187,7 +221,6 @@ class LinearLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
         ops = _backends.row_kernels(ctx.backend, "logprobs")
         V = weight.shape[0]
         rows = _kept_rows(labels, ctx.kw["ignore_index"])
@@ -197,31 +230,18 @@ class LinearLogprobsFunction(torch.autograd.Function):
         lse = pick(lse)
         ent = pick(entropy) if gh is not None else None
 
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(V, weight.shape[1], dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(V, dtype=torch.float32, device=weight.device) if need_b else None
+        grads = HeadGrads(h, weight, bias, ctx.needs_input_grad[:3])
         n = h.shape[0]
         chunk = min(ctx.chunk, max(n, 1))
-        buf = torch.empty(chunk, V, dtype=_logits_dtype(hidden), device=hidden.device)
-        # The kernel writes the gradient over the logits it reads when the dtypes agree (CPU, fp32).
-        gbuf = buf if buf.dtype == hidden.dtype else torch.empty(chunk, V, dtype=hidden.dtype, device=hidden.device)
+        buf, gbuf = chunk_buffers(chunk, V, hidden)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
             g = gbuf[: e - s]
             ops.row_backward(z, y[s:e], lse[s:e], None if ent is None else ent[s:e],
                              None if gl is None else gl[s:e], None if gh is None else gh[s:e], g, **ctx.kw)
-            if need_h:
-                torch.mm(g, weight, out=grad_h[s:e])
-            if need_w:
-                _accumulate_fp32(grad_w, g.t(), h[s:e])
-            if need_b:
-                grad_b += g.sum(0, dtype=torch.float32)
-        if need_h and rows is not None:
-            grad_h = torch.zeros_like(hidden).index_copy_(0, rows, grad_h)
-        return (grad_h,
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype),
+            grads.add(g, s, e)
+        return (*grads.result(hidden, rows),
                 None, None, None, None, None, None, None)
 
 
