@@ -5,7 +5,7 @@ peak memory, sigmoid DPO with the reference computed from reference hidden state
 """
 from __future__ import annotations
 
-from harness import device_name, fastpref_backends, parse_args, report, write_results
+from harness import fused_loss_main
 
 
 def case(*, device, impl, pairs, T, H, V, dtype):
@@ -53,22 +53,11 @@ def case(*, device, impl, pairs, T, H, V, dtype):
 
 
 def main(argv=None):
-    import torch
-
-    args = parse_args(__doc__.splitlines()[0], argv)
-    dtype = "bfloat16" if args.device == "cuda" else "float32"
-    H, V = (1024, 32000) if args.device == "cpu" else (4096, 128256)
-    sizes = [(2, 512)] if args.quick else [(2, 512), (4, 1024), (2, 2048)]
-    reps = 2 if args.quick else 3
-    print(f"DPO loss fwd+bwd on {args.device} ({device_name(args.device)}), {dtype}, torch {torch.__version__}")
-    cases = [("eager TRL-style (logits, log_softmax, gather)", "dpo:case", dict(impl="eager")),
-             ("Liger-Kernel LigerFusedLinearDPOLoss", "dpo:case", dict(impl="liger"))]
-    cases += [(f"fastpref {b}", "dpo:case", dict(impl=b)) for b in fastpref_backends(args.device)]
-    rows = []
-    for pairs, T in sizes:
-        rows += report("sigmoid DPO, reference from hidden states", cases, device=args.device, reps=reps,
-                       sizes=dict(pairs=pairs, T=T, H=H, V=V, dtype=dtype))
-    write_results(args, "dpo", rows)
+    fused_loss_main("dpo", __doc__, "sigmoid DPO, reference from hidden states",
+                    [("eager TRL-style (logits, log_softmax, gather)", "eager"),
+                     ("Liger-Kernel LigerFusedLinearDPOLoss", "liger")],
+                    sizes=[dict(pairs=2, T=512), dict(pairs=4, T=1024), dict(pairs=2, T=2048)],
+                    quick_sizes=[dict(pairs=2, T=512)], argv=argv)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ returns ``(step, output_bytes)``: ``step()`` runs forward+backward once and retu
 ``output_bytes`` is the size of the gradients it returns (the same for every implementation of an op).
 
 Peak memory: on CUDA ``max_memory_allocated`` over what the inputs hold; on CPU the growth of the peak
-resident set size (VmHWM, reset after the inputs were made) over the resident size then. "extra" counts everything the
-step allocates, including the gradients it returns; "workspace" is extra minus those gradients.
-Time: median of ``reps`` steps after one warm-up step (device-synchronized on CUDA).
+resident set size (VmHWM, reset after the inputs were made and one warm-up step ran) over the resident size
+then. "extra" counts everything the step allocates, including the gradients it returns; "workspace" is
+extra minus those gradients.
+Memory is that of the second step, time the median of ``reps`` steps after it (device-synchronized on CUDA).
 """
 from __future__ import annotations
 
@@ -54,8 +55,9 @@ def _time_and_memory(make_case, kwargs, device, reps):
     step, output_bytes = make_case(device=device, **kwargs)
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step()  # warm-up: one-time costs (torch.compile, lazy imports, allocator pools) are not the op's memory
+    sync()
     if cuda:
-        sync()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -160,3 +162,23 @@ def write_results(args, op: str, rows: list[dict]) -> None:
         json.dump(dict(device=args.device, device_name=device_name(args.device), torch=torch.__version__,
                        fastpref=fastpref.__version__, cpu_threads=torch.get_num_threads(), rows=rows), f, indent=1)
     print(f"\nwrote {path}")
+
+
+def fused_loss_main(op: str, doc: str, title: str, peers: list[tuple[str, str]], sizes: list[dict],
+                    quick_sizes: list[dict], argv=None) -> None:
+    """The run of a fused-linear loss benchmark (``benchmarks/<op>.py``, whose ``case`` takes ``impl`` and the
+    size keys): peers (label, impl) first, the first being the baseline, then every fastpref backend, at
+    H = 1024, V = 32000 fp32 on CPU or H = 4096, V = 128256 bf16 on CUDA."""
+    import torch
+
+    args = parse_args(doc.splitlines()[0], argv)
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    H, V = (1024, 32000) if args.device == "cpu" else (4096, 128256)
+    print(f"{title}: fwd+bwd on {args.device} ({device_name(args.device)}), {dtype}, torch {torch.__version__}")
+    cases = [(label, f"{op}:case", dict(impl=impl)) for label, impl in peers]
+    cases += [(f"fastpref {b}", f"{op}:case", dict(impl=b)) for b in fastpref_backends(args.device)]
+    rows = []
+    for size in quick_sizes if args.quick else sizes:
+        rows += report(title, cases, device=args.device, reps=2 if args.quick else 3,
+                       sizes=dict(size, H=H, V=V, dtype=dtype))
+    write_results(args, op, rows)

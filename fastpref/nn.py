@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from fastpref.ops.linear_policy import linear_ppo_loss
 from fastpref.ops.linear_preference import linear_dpo_loss
+from fastpref.ops.policy import ppo_loss, value_loss
 from fastpref.ops.preference import bt_loss, dpo_loss
 
 
@@ -61,3 +63,61 @@ class LinearDPOLoss(torch.nn.Module):
 
     def extra_repr(self):
         return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class PPOLoss(torch.nn.Module):
+    """``ppo_loss`` as a module: ``PPOLoss(clip_low=0.2, loss_agg="seq-mean-token-mean", ...)(logp, old_logp,
+    advantages, mask, ref_logp=None, kl=None, entropy=None, num_items=None)`` -> PolicyOutput."""
+
+    def __init__(self, *, clip_low=0.2, clip_high=None, dual_clip=None, importance="token", kl_coef=0.0,
+                 kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean"):
+        super().__init__()
+        self.config = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, importance=importance,
+                           kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg)
+
+    def forward(self, logp, old_logp, advantages, mask, *, ref_logp=None, kl=None, entropy=None, num_items=None):
+        return ppo_loss(logp, old_logp, advantages, mask, ref_logp=ref_logp, kl=kl, entropy=entropy,
+                        num_items=num_items, **self.config)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class LinearPPOLoss(torch.nn.Module):
+    """``linear_ppo_loss`` as a module: ``LinearPPOLoss(clip_low=0.2, ...)(hidden, weight, labels, old_logp,
+    advantages, mask=None, bias=None, ref_logp=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+    num_items=None)`` -> PolicyOutput."""
+
+    def __init__(self, *, clip_low=0.2, clip_high=None, dual_clip=None, importance="token", divergence=None,
+                 kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, compute_entropy=True, loss_agg="token-mean",
+                 ignore_index=-100, temperature=1.0, softcap=None, chunk_size=None, backend="auto", **params):
+        super().__init__()
+        self.config = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, importance=importance,
+                           divergence=divergence, kl_coef=kl_coef, kl_estimator=kl_estimator,
+                           entropy_coef=entropy_coef, compute_entropy=compute_entropy, loss_agg=loss_agg,
+                           ignore_index=ignore_index, temperature=temperature, softcap=softcap,
+                           chunk_size=chunk_size, backend=backend, **params)
+
+    def forward(self, hidden, weight, labels, old_logp, advantages, mask=None, *, bias=None, ref_logp=None,
+                ref_hidden=None, ref_weight=None, ref_bias=None, num_items=None):
+        return linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask, bias=bias, ref_logp=ref_logp,
+                               ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, num_items=num_items,
+                               **self.config)
+
+    def extra_repr(self):
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+
+class ValueLoss(torch.nn.Module):
+    """``value_loss`` as a module: ``ValueLoss(clip=0.2)(values, old_values, returns, mask)``."""
+
+    def __init__(self, *, clip=0.2, loss_agg="token-mean"):
+        super().__init__()
+        self.clip, self.loss_agg = clip, loss_agg
+
+    def forward(self, values, old_values, returns, mask, *, num_items=None):
+        return value_loss(values, old_values, returns, mask, clip=self.clip, loss_agg=self.loss_agg,
+                          num_items=num_items)
+
+    def extra_repr(self):
+        return f"clip={self.clip!r}, loss_agg={self.loss_agg!r}"

@@ -1,10 +1,9 @@
 """linear_dpo_loss: fused == unfused (float64 logits -> log-probs -> dpo_loss), the 3-matmul path, eval mode."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpref
-from conftest import backend_params
+from conftest import CountMatmuls, backend_params
 from oracle import logprobs_f64
 from test_logprobs import close
 
@@ -79,22 +78,11 @@ def test_reference_from_hidden_states_equals_precomputed(backend):
     assert torch.allclose(out1.chosen_rewards, out2.chosen_rewards)
 
 
-class _CountMatmuls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "addmm", "addmm_"):
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _matmuls(chunk_size, loss_type="sigmoid", grad=True):
     hidden, weight, _, labels, ref = make()
     hidden.requires_grad_()
     weight.requires_grad_()
-    with _CountMatmuls() as mode, torch.set_grad_enabled(grad):
+    with CountMatmuls() as mode, torch.set_grad_enabled(grad):
         out = fastpref.linear_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref[0], ref_rejected_logps=ref[1],
                                        loss_type=loss_type, chunk_size=chunk_size, backend="torch")
         if grad:

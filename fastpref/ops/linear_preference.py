@@ -13,7 +13,8 @@ import torch
 
 from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_same_device
-from fastpref.ops.logprobs import HeadGrads, _chunk_logits, auto_chunk_size, chunk_buffers, linear_logprobs
+from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, auto_chunk_size, chunk_buffers, linear_logprobs,
+                                   scale_head_grads)
 from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
 
 _COUPLED = ("aot", "aot_unpaired", "orpo")  # their loss does not split into independent pairs
@@ -104,11 +105,7 @@ class _LinearDPOFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        gh, gw, gb = ctx.saved_tensors
-        if bool(grad_loss == 1):  # the usual loss.backward(): no copy of the weight-sized gradient
-            return gh, gw, gb, None, None, None
-        scale = (lambda t: None if t is None else t * grad_loss.to(t.dtype))
-        return scale(gh), scale(gw), scale(gb), None, None, None
+        return (*scale_head_grads(grad_loss, ctx.saved_tensors), None, None, None)
 
 
 def _auto_chunk(n, V, hidden, pair_end, one_pass_possible):

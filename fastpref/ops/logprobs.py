@@ -189,6 +189,14 @@ class HeadGrads:
                 None if self.gb is None else self.gb.to(self.bias.dtype))
 
 
+def scale_head_grads(grad, grads):
+    """The saved head gradients of a scalar loss times its upstream gradient ``grad`` (a 0-d tensor); no
+    copy of the weight-sized gradient in the usual ``loss.backward()``, where ``grad`` is 1."""
+    if bool(grad == 1):
+        return grads
+    return tuple(None if t is None else t * grad.to(t.dtype) for t in grads)
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Forward keeps only lse (and entropy) per token; backward recomputes each chunk's logits."""
 
