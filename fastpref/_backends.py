@@ -2,7 +2,7 @@
 
 Every op takes ``backend="auto" | "triton" | "cuda" | "cpu" | "torch"``. A backend here is a module that
 implements the row-kernel contracts of ``fastpref.kernels.reference`` (``row_*`` for log-probs,
-``div_*`` for divergences);
+``div_*`` for divergences, ``pair_forward`` for the pairwise preference losses);
 the ops in ``fastpref.ops`` do the chunking, the matmuls and the autograd around it.
 
 ``auto``: CUDA tensors -> triton (torch when triton is missing); CPU tensors -> cpu (native C++) when the
@@ -73,6 +73,9 @@ _MODULES = {
     ("cpu", "divergence"): "fastpref.kernels.cpu",
     ("torch", "logprobs"): "fastpref.kernels.reference",
     ("torch", "divergence"): "fastpref.kernels.reference",
+    # The ops use the pairwise kernel on triton only; elsewhere autograd over the torch formulas is as fast.
+    ("triton", "pairwise"): "fastpref.kernels.triton.pairwise",
+    ("torch", "pairwise"): "fastpref.kernels.reference",
 }
 
 
@@ -97,6 +100,6 @@ def resolve(backend: str, device: torch.device) -> str:
 
 
 def row_kernels(name: str, family: str):
-    """The module implementing ``family``'s row-kernel contract ("logprobs" or "divergence") for a
-    resolved backend name."""
+    """The module implementing ``family``'s row-kernel contract ("logprobs", "divergence" or "pairwise")
+    for a resolved backend name."""
     return importlib.import_module(_MODULES[name, family])

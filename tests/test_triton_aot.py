@@ -1,7 +1,7 @@
 """Compile the Triton kernel variants for sm_80 and sm_90 without a GPU (see fastpref/kernels/triton/_aot.py).
 
-Every log-prob variant and a covering sample of the divergence variants (their full cross product takes
-~20 minutes on two cores: ``python -m fastpref.kernels.triton._aot --all``).
+Every log-prob variant and a covering sample of the divergence and pairwise variants (the full cross
+products take ~20 minutes on two cores: ``python -m fastpref.kernels.triton._aot --all``).
 
 The interpreter tests check the kernels' math; only a real compile shows register spills, compiler
 failures, or lost 128-bit vectorisation.
@@ -46,7 +46,7 @@ def test_all_configs_compile_without_spills(tmp_path):
     assert report["num_failed"] == 0
     assert 0 < report["num_configs"] <= report["num_launchable"]
     assert {r["kernel"] for r in rows} == {"_logprobs_fwd_kernel", "_logprobs_bwd_kernel", "_div_fwd_kernel",
-                                           "_div_bwd_kernel"}
+                                           "_div_bwd_kernel", "_pairwise_kernel"}
     for arch in ("sm_80", "sm_90"):
         built = [r for r in rows if r["arch"] == arch and r["ok"]]
         keys = {json.dumps([r["kernel"], r["signature"], r["constexprs"], r["num_warps"]], sort_keys=True)

@@ -1,5 +1,8 @@
 """Pure-PyTorch row kernels: the oracle for every other backend and the ``torch`` backend itself.
 
+Contracts here: ``row_*`` (log-probs, below), ``div_*`` (full-vocabulary divergences) and ``pair_forward``
+(the pairwise preference losses), each stated above its functions.
+
 Row-kernel contract (shared by ``kernels/cpu.py``, ``kernels/triton/logprobs.py`` and this file):
 
 ``row_forward(x, labels, *, temperature, softcap, ignore_index, with_entropy) -> (logp, lse, entropy)``
@@ -138,3 +141,47 @@ def div_backward(x, xr, labels, lse, lse_r, s_a, s_b, grad, out_x, out_xr, *, di
             out_x[s:e] = torch.where(keep, g * (pa - lp.exp() * s_a[s:e, None]), 0.0).to(out_x.dtype)
         if out_xr is not None:
             out_xr[s:e] = torch.where(keep, g * (qb - lq.exp() * s_b[s:e, None]), 0.0).to(out_xr.dtype)
+
+
+# Pairwise preference losses. Contract shared with kernels/triton/pairwise.py:
+#
+# pair_forward(chosen, rejected, ref_chosen=None, ref_rejected=None, chosen_lengths=None, rejected_lengths=None,
+#              margin=None, *, loss_type, beta=1.0, label_smoothing=0.0, div_id=0, param=0.0, gamma=0.5,
+#              tau=0.05, center_coef=0.0) -> (loss, grad_chosen, grad_rejected)
+#     chosen, rejected: [B] sequence log-probs (bt: rewards), fp32/bf16/fp16. loss_type: one of
+#     fastpref.ops.preference.PAIRWISE_TYPES ("bt" is bt_loss's Bradley-Terry). ref_*: [B] reference
+#     log-probs, given exactly for the types with a reference (all but simpo and bt). *_lengths: [B] fp32
+#     completion lengths (clamped to >= 1) for ipo, sigmoid_norm and simpo, else None. margin (bt only):
+#     None, a number or a tensor ([] or [B]). div_id / param: the divergence score (fastpref.divergences
+#     kernel id and its parameter; reverse_kl for the non-score types). Options as in dpo_loss / bt_loss.
+#     Returns fp32 [B]: each pair's loss and its partial derivatives in chosen[i] and rejected[i]. (This
+#     twin computes in float64 when ``chosen`` is float64: the tests' float64 oracle.)
+
+
+def pair_forward(chosen, rejected, ref_chosen=None, ref_rejected=None, chosen_lengths=None, rejected_lengths=None,
+                 margin=None, *, loss_type, beta=1.0, label_smoothing=0.0, div_id=0, param=0.0, gamma=0.5, tau=0.05,
+                 center_coef=0.0):
+    # Autograd over ops/preference.py's formulas: a pair's loss depends on that pair only, so the gradient
+    # of the sum holds each pair's derivatives.
+    from fastpref.divergences import BY_KERNEL_ID
+    from fastpref.ops import preference
+
+    if loss_type not in preference.PAIRWISE_TYPES:
+        raise ValueError(f"loss_type {loss_type!r} has no pairwise kernel; covered: {preference.PAIRWISE_TYPES}")
+    dt = torch.float64 if chosen.dtype == torch.float64 else torch.float32
+    lw, ll = (None, None) if chosen_lengths is None else (chosen_lengths.to(dt), rejected_lengths.to(dt))
+    with torch.enable_grad():
+        cw = chosen.detach().to(dt).requires_grad_()
+        cl = rejected.detach().to(dt).requires_grad_()
+        if loss_type == "bt":
+            if margin is not None:
+                margin = torch.as_tensor(margin, device=cw.device, dtype=dt)
+            loss = preference._bt_per_pair(cw, cl, margin, center_coef)
+        elif loss_type == "simpo":
+            loss = preference._reference_free(loss_type, cw, cl, lw, ll, beta, label_smoothing, {"gamma": gamma})
+        else:
+            score = BY_KERNEL_ID[div_id].score
+            loss = preference._per_pair(loss_type, cw - ref_chosen.to(dt), cl - ref_rejected.to(dt), None, None,
+                                        lambda r: score(r, param), beta, label_smoothing, {"tau": tau}, lw, ll)
+        grad_chosen, grad_rejected = torch.autograd.grad(loss.sum(), (cw, cl))
+    return loss.detach(), grad_chosen, grad_rejected

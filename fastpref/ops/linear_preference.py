@@ -141,7 +141,7 @@ def _preference(seq_logps, ref_logps, lengths, cfg, B, idx, reduction=None):
             rw, rl = rw[pairs], rl[pairs]
     return dpo_loss(w, l, rw, rl, beta=cfg["beta"], loss_type=cfg["loss_type"], divergence=cfg["divergence"],
                     label_smoothing=cfg["label_smoothing"], reduction=reduction or cfg["reduction"],
-                    chosen_lengths=lw, rejected_lengths=ll, **cfg["params"])
+                    chosen_lengths=lw, rejected_lengths=ll, backend=cfg["backend"], **cfg["params"])
 
 
 def _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, idx):

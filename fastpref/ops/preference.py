@@ -1,16 +1,27 @@
 """Preference losses over sequence log-probs: the DPO family (with f-divergence scores), SimPO, ORPO, and
-Bradley-Terry for reward models. Elementwise on [B] vectors, so autograd through torch ops is exact and
-cheap; the fused-linear form that produces the sequence log-probs is ``linear_dpo_loss`` (not yet).
+Bradley-Terry for reward models, on [B] vectors.
+
+The formulas are written once, as torch ops (``_per_pair``, ``_reference_free``, ``_bt_per_pair``); the
+torch path (backends torch and cpu, and every loss type) differentiates them with autograd. On the triton
+backend the types of ``PAIRWISE_TYPES`` (all but aot, aot_unpaired and orpo, which couple the pairs of a
+batch) run as one launch of the pairwise kernel (``kernels/triton/pairwise.py``, derivatives by hand),
+which writes each pair's loss and both its derivatives, so the backward only scales saved vectors. Its
+torch twin, ``kernels/reference.py``'s ``pair_forward``, is autograd over the same formulas.
+
+The fused-linear form that also produces the sequence log-probs from hidden states is ``linear_dpo_loss``
+(``ops/linear_preference.py``).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from fastpref import divergences
+from fastpref import _backends, divergences
 
 
 class PreferenceOutput(NamedTuple):
@@ -28,6 +39,9 @@ REFERENCE_FREE = ("simpo", "orpo")
 LOSS_TYPES = SCORE_TYPES + RATIO_TYPES + REFERENCE_FREE
 LENGTH_NORMALIZED = ("ipo", "sigmoid_norm", "simpo", "orpo")
 _PARAMS = {"simpo": {"gamma": 0.5}, "discopop": {"tau": 0.05}}
+# Types whose per-pair loss depends on that pair alone: the pairwise kernel covers them (its loss ids are
+# indices here; "bt" is bt_loss). aot/aot_unpaired sort the batch and orpo's NLL is a batch mean.
+PAIRWISE_TYPES = SCORE_TYPES + ("nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "simpo", "bt")
 
 
 def _log1mexp(x):
@@ -53,9 +67,37 @@ def _reduce(per_pair, reduction):
     return per_pair
 
 
+class _PairwiseLoss(torch.autograd.Function):
+    """A kernel-covered pairwise loss: the forward is one launch of ``kernel`` (``pair_forward``'s
+    contract), which also writes each pair's d loss/d chosen and d loss/d rejected; the backward scales
+    those saved vectors by the upstream gradient (1/B more for the mean). Not twice differentiable."""
+
+    @staticmethod
+    def forward(ctx, chosen, rejected, reduction, kernel):
+        per_pair, grad_chosen, grad_rejected = kernel(chosen, rejected)
+        ctx.save_for_backward(grad_chosen, grad_rejected)
+        ctx.reduction = reduction
+        ctx.dtypes = chosen.dtype, rejected.dtype
+        return _reduce(per_pair, reduction)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_chosen, grad_rejected = ctx.saved_tensors
+        if ctx.reduction == "mean":
+            grad = grad / max(grad_chosen.shape[0], 1)
+        grads = [(grad * g).to(dtype) if needed else None
+                 for g, dtype, needed in zip((grad_chosen, grad_rejected), ctx.dtypes, ctx.needs_input_grad)]
+        return (*grads, None, None)
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
 def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *, beta=0.1,
              loss_type="sigmoid", divergence="reverse_kl", label_smoothing=0.0, reduction="mean",
-             chosen_lengths=None, rejected_lengths=None, **params):
+             chosen_lengths=None, rejected_lengths=None, backend="auto", **params):
     """DPO-family loss from sequence log-probs [B] (summed over completion tokens).
 
     Loss types (TRL 1.x DPOTrainer formulas unless noted; s = g(rho) the divergence score of
@@ -75,6 +117,13 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     ``chosen_lengths`` / ``rejected_lengths`` (completion token counts [B]) are required by ipo,
     sigmoid_norm, simpo and orpo. Rewards are ``beta * rho`` (``beta * avg logp`` for simpo/orpo),
     detached. Metrics use TRL's names.
+
+    ``backend`` ("auto", "triton", "cuda", "cpu", "torch"): on "triton" (what "auto" picks for CUDA
+    tensors when Triton is installed) the types in ``PAIRWISE_TYPES`` (all but aot, aot_unpaired and orpo)
+    run as one kernel launch that computes each pair's loss with its gradients, and the backward only
+    scales them (not twice differentiable). Everything else takes the torch path, autograd through torch
+    ops: the other backends, aot, aot_unpaired and orpo, and reference log-probs that require grad (the
+    kernel differentiates in the policy's log-probs only). Losses, rewards and metrics agree either way.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
@@ -88,6 +137,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     _check_vector("chosen_logps", chosen_logps)
     _check_vector("rejected_logps", rejected_logps, chosen_logps)
+    name = _backends.resolve(backend, chosen_logps.device)
     own = dict(_PARAMS.get(loss_type, {}))
     for k in list(params):
         if k in own:
@@ -101,6 +151,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     if div.score is None:
         raise ValueError(f"divergence {divergence!r} has no DPO score; use one of "
                          f"{[n for n, d in divergences.REGISTRY.items() if d.score is not None]}")
+    lw = ll = None
     if loss_type in LENGTH_NORMALIZED:
         if chosen_lengths is None or rejected_lengths is None:
             raise ValueError(f"loss_type={loss_type!r} is length-normalized: pass chosen_lengths and rejected_lengths")
@@ -108,38 +159,55 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
         ll = torch.as_tensor(rejected_lengths, device=chosen_logps.device).float().clamp(min=1)
         _check_vector("chosen_lengths", lw, chosen_logps)
         _check_vector("rejected_lengths", ll, chosen_logps)
-    lw_ = lw if loss_type in LENGTH_NORMALIZED else None
-    ll_ = ll if loss_type in LENGTH_NORMALIZED else None
-    cw, cl = chosen_logps.float(), rejected_logps.float()
-    eps = label_smoothing
-
-    if loss_type in REFERENCE_FREE:
+    ref_free = loss_type in REFERENCE_FREE
+    if ref_free:
         if ref_chosen_logps is not None or ref_rejected_logps is not None:
             raise ValueError(f"loss_type={loss_type!r} is reference-free: do not pass reference log-probs")
-        aw, al = cw / lw_, cl / ll_
-        if loss_type == "simpo":
-            z = beta * (aw - al) - own["gamma"]
-            per_pair = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-        else:
-            log_odds = (aw - al) - (_log1mexp(aw) - _log1mexp(al))
-            nll = -cw.sum() / lw_.sum()
-            per_pair = nll - beta * F.logsigmoid(log_odds)
-        rw, rl = beta * aw.detach(), beta * al.detach()
     else:
         if ref_chosen_logps is None or ref_rejected_logps is None:
             raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
         _check_vector("ref_chosen_logps", ref_chosen_logps, chosen_logps)
         _check_vector("ref_rejected_logps", ref_rejected_logps, chosen_logps)
-        rho_w, rho_l = cw - ref_chosen_logps.float(), cl - ref_rejected_logps.float()
-        per_pair = _per_pair(loss_type, rho_w, rho_l, cw - cl, ref_chosen_logps.float() - ref_rejected_logps.float(),
-                             lambda r: div.score(r, div_param), beta, eps, own, lw_, ll_)
-        rw, rl = beta * rho_w.detach(), beta * rho_l.detach()
+    fused = name == "triton" and loss_type in PAIRWISE_TYPES and not _needs_grad(ref_chosen_logps, ref_rejected_logps)
+    eps = label_smoothing
+    # The kernel path takes the gradients from its kernel: the rewards below need no graph.
+    cw, cl = (chosen_logps.detach().float(), rejected_logps.detach().float()) if fused else \
+        (chosen_logps.float(), rejected_logps.float())
+    if ref_free:
+        xw, xl = cw / lw, cl / ll
+    else:
+        xw, xl = cw - ref_chosen_logps.float(), cl - ref_rejected_logps.float()
+    if fused:
+        kernel = functools.partial(
+            _backends.row_kernels(name, "pairwise").pair_forward, ref_chosen=ref_chosen_logps,
+            ref_rejected=ref_rejected_logps, chosen_lengths=lw, rejected_lengths=ll, loss_type=loss_type, beta=beta,
+            label_smoothing=eps, div_id=div.kernel_id, param=div_param, **own)
+        loss = _PairwiseLoss.apply(chosen_logps, rejected_logps, reduction, kernel)
+    else:
+        if ref_free:
+            per_pair = _reference_free(loss_type, cw, cl, lw, ll, beta, eps, own)
+        else:
+            per_pair = _per_pair(loss_type, xw, xl, cw - cl, ref_chosen_logps.float() - ref_rejected_logps.float(),
+                                 lambda r: div.score(r, div_param), beta, eps, own, lw, ll)
+        loss = _reduce(per_pair, reduction)
+    rw, rl = beta * xw.detach(), beta * xl.detach()
     metrics = {
         "rewards/chosen": rw.mean(), "rewards/rejected": rl.mean(),
         "rewards/accuracies": (rw > rl).float().mean(), "rewards/margins": (rw - rl).mean(),
         "logps/chosen": chosen_logps.detach().float().mean(), "logps/rejected": rejected_logps.detach().float().mean(),
     }
-    return PreferenceOutput(_reduce(per_pair, reduction), rw, rl, metrics)
+    return PreferenceOutput(loss, rw, rl, metrics)
+
+
+def _reference_free(loss_type, cw, cl, lw, ll, beta, eps, own):
+    """Per-pair simpo or orpo loss from the summed log-probs and the completion lengths."""
+    aw, al = cw / lw, cl / ll
+    if loss_type == "simpo":
+        z = beta * (aw - al) - own["gamma"]
+        return -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    log_odds = (aw - al) - (_log1mexp(aw) - _log1mexp(al))
+    nll = -cw.sum() / lw.sum()
+    return nll - beta * F.logsigmoid(log_odds)
 
 
 def _per_pair(loss_type, rho_w, rho_l, logratios, ref_logratios, score, beta, eps, own, lw, ll):
@@ -158,8 +226,8 @@ def _per_pair(loss_type, rho_w, rho_l, logratios, ref_logratios, score, beta, ep
             return (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
                     + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
         if loss_type == "discopop":
-            mix = torch.sigmoid(z / own["tau"])
-            return -F.logsigmoid(z) * (1 - mix) + torch.exp(-z) * mix
+            # exp(-z) sig(z / tau) as one exp: finite where exp(-z) alone overflows (z < -88 in fp32).
+            return -F.logsigmoid(z) * torch.sigmoid(-z / own["tau"]) + torch.exp(F.logsigmoid(z / own["tau"]) - z)
         return -F.logsigmoid(beta * (s_w / lw - s_l / ll))  # sigmoid_norm
     if loss_type == "nca_pair":
         return -F.logsigmoid(beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_w) - 0.5 * F.logsigmoid(-beta * rho_l)
@@ -176,12 +244,25 @@ def _per_pair(loss_type, rho_w, rho_l, logratios, ref_logratios, score, beta, ep
     return torch.sigmoid(beta * rho_w) + 1 - torch.sigmoid(beta * (rho_w - rho_l))  # apo_down
 
 
-def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, reduction="mean"):
+def _bt_per_pair(rw, rl, margin, center_coef):
+    """Per-pair Bradley-Terry loss of the rewards; ``margin`` None, a number or a tensor ([] or [B])."""
+    diff = rw - rl
+    if margin is not None:
+        diff = diff - margin
+    per_pair = -F.logsigmoid(diff)
+    if center_coef:
+        per_pair = per_pair + center_coef * (rw + rl) ** 2
+    return per_pair
+
+
+def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, reduction="mean", backend="auto"):
     """Bradley-Terry reward-model loss (TRL RewardTrainer): per pair ``-log sig(r_w - r_l - margin)
     + center_coef * (r_w + r_l)^2`` (reward centering), so that the mean is TRL's loss.
 
-    Returns a PreferenceOutput whose rewards are the inputs (detached) and whose metrics are TRL's
-    ``accuracy`` and ``margin``.
+    ``margin``: None, a number, or a tensor (scalar or [B]). ``backend`` as in ``dpo_loss``: on "triton" one
+    kernel launch computes the per-pair losses and their gradients (a margin that requires grad takes the
+    torch path). Returns a PreferenceOutput whose rewards are the inputs (detached) and whose metrics are
+    TRL's ``accuracy`` and ``margin``.
     """
     _check_vector("chosen_rewards", chosen_rewards)
     _check_vector("rejected_rewards", rejected_rewards, chosen_rewards)
@@ -189,16 +270,19 @@ def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, r
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(center_coef, (int, float)) or center_coef < 0:
         raise ValueError(f"center_coef must be a number >= 0, got {center_coef!r}")
-    rw, rl = chosen_rewards.float(), rejected_rewards.float()
-    diff = rw - rl
-    if margin is not None:
-        margin = torch.as_tensor(margin, device=rw.device, dtype=torch.float32)
-        if margin.dim() > 0 and margin.shape != rw.shape:
-            raise ValueError(f"margin must be a scalar or of shape {tuple(rw.shape)}, got {tuple(margin.shape)}")
-        diff = diff - margin
-    per_pair = -F.logsigmoid(diff)
-    if center_coef:
-        per_pair = per_pair + center_coef * (rw + rl) ** 2
-    loss = _reduce(per_pair, reduction)
-    metrics = {"accuracy": (rw > rl).float().mean().detach(), "margin": (rw - rl).mean().detach()}
+    name = _backends.resolve(backend, chosen_rewards.device)
+    # A Python number stays a number (the kernel's scalar; no host-to-device copy), anything else a tensor.
+    if margin is not None and not isinstance(margin, (int, float)):
+        margin = torch.as_tensor(margin, device=chosen_rewards.device, dtype=torch.float32)
+        if margin.dim() > 0 and margin.shape != chosen_rewards.shape:
+            raise ValueError(f"margin must be a scalar or of shape {tuple(chosen_rewards.shape)}, "
+                             f"got {tuple(margin.shape)}")
+    if name == "triton" and not _needs_grad(margin):
+        kernel = functools.partial(_backends.row_kernels(name, "pairwise").pair_forward, loss_type="bt",
+                                   margin=margin, center_coef=center_coef)
+        loss = _PairwiseLoss.apply(chosen_rewards, rejected_rewards, reduction, kernel)
+    else:
+        loss = _reduce(_bt_per_pair(chosen_rewards.float(), rejected_rewards.float(), margin, center_coef), reduction)
+    rw, rl = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    metrics = {"accuracy": (rw > rl).float().mean(), "margin": (rw - rl).mean()}
     return PreferenceOutput(loss, chosen_rewards.detach(), rejected_rewards.detach(), metrics)

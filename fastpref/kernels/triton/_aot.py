@@ -1,15 +1,16 @@
 """Ahead-of-time compile check of the Triton kernels for real GPUs, runnable without one.
 
-``python -m fastpref.kernels.triton._aot`` compiles the variants of ``logprobs.launch_configs()`` and
-``divergence.launch_configs()`` for sm_80 and sm_90 with the ptxas bundled in the Triton wheel, reads each
-cubin's resource usage with the wheel's cuobjdump, and prints one JSON report on stdout. The exit status
-is nonzero if any variant fails to compile or spills to local memory: the interpreter tests cannot see
-either problem.
+``python -m fastpref.kernels.triton._aot`` compiles the variants of ``logprobs.launch_configs()``,
+``divergence.launch_configs()`` and ``pairwise.launch_configs()`` for sm_80 and sm_90 with the ptxas
+bundled in the Triton wheel, reads each cubin's resource usage with the wheel's cuobjdump, and prints one
+JSON report on stdout. The exit status is nonzero if any variant fails to compile or spills to local
+memory: the interpreter tests cannot see either problem.
 
 Every log-prob variant is compiled; of the divergence variants, a sample that covers every kernel shape and
 every dtype in every pointer position (``_divergence_sample``), because their full cross product (3456
 variants, ~20 minutes on two cores) is mostly dtype combinations that differ only in which loads and
-stores convert. ``--all`` compiles every variant.
+stores convert; of the 306 pairwise variants, each loss type and each divergence score once
+(``_pairwise_sample``). ``--all`` compiles every variant.
 
 Access widths come from the PTX (``ld.global.v4.b32`` is a 128-bit load; ptxas keeps it one LDG.E.128).
 ``--sass`` also disassembles every cubin and counts LDG/STG widths there; it is off by default because
@@ -36,12 +37,13 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastpref.kernels.triton import divergence, logprobs
+from fastpref.kernels.triton import divergence, logprobs, pairwise
 
 ARCHS = (80, 90)
 # Integer arguments that carry the row layout: the JIT marks them 16-divisible for aligned shapes, and
-# that is what lets it prove 16-byte alignment of each row and emit 128-bit accesses.
-_ALIGNED_INTS = ("V", "stride_x", "stride_out", "stride_xr", "stride_out_x", "stride_out_xr")
+# that is what lets it prove 16-byte alignment of each row and emit 128-bit accesses. (B, the pairwise
+# kernel's length: a 16-divisible B makes its mask constant over each thread's 8 pairs.)
+_ALIGNED_INTS = ("V", "stride_x", "stride_out", "stride_xr", "stride_out_x", "stride_out_xr", "B")
 _RESOURCE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 _PTX_MEM_OP = re.compile(r"\b((?:ld|st)\.global(?:\.\w+)*)")
 _SASS_MEM_OP = re.compile(r"\b((?:LDG|STG)\.E(?:\.\w+)*)")
@@ -90,10 +92,35 @@ def _divergence_sample(configs):
     return picked
 
 
+def _pairwise_sample(configs):
+    """The pairwise variants compiled unless ``--all``: every loss type (and bt's margin flag) on the first
+    divergence it takes, and each other divergence score once, on the score types in turn; the k-th picked
+    shape takes its k-th (policy, reference) dtype pair, so every dtype reaches every pointer.
+
+    The kernel is straight-line code (no loop, at most ~80 registers): its loss-type and score branches are
+    independent pieces, so a combination cannot fail or spill where its parts compile.
+    """
+    shapes = collections.defaultdict(list)
+    for config in configs:
+        shapes[json.dumps(config[2], sort_keys=True)].append(config)
+    picked, divs, with_extra, first = [], set(), set(), {}
+    for variants in shapes.values():
+        loss, div = variants[0][2]["LOSS"], variants[0][2]["DIV"]
+        if first.setdefault(loss, div) != div:
+            if div in divs or loss in with_extra:
+                continue
+            with_extra.add(loss)
+        divs.add(div)
+        picked.append(variants[len(picked) % len(variants)])
+    return picked
+
+
 def launch_configs(all_variants=False):
     """The variants to compile, in a fixed order (the worker processes index into it)."""
-    div = divergence.launch_configs()
-    return logprobs.launch_configs() + (div if all_variants else _divergence_sample(div))
+    div, pair = divergence.launch_configs(), pairwise.launch_configs()
+    if not all_variants:
+        div, pair = _divergence_sample(div), _pairwise_sample(pair)
+    return logprobs.launch_configs() + div + pair
 
 
 def _check(job, sass=False, all_variants=False):
@@ -148,7 +175,7 @@ def main(argv=None) -> int:
     failed = [r for r in rows if not r["ok"]]
     report = {"triton": triton.__version__, "ptxas": knobs.nvidia.ptxas.version, "archs": [f"sm_{a}" for a in ARCHS],
               "num_configs": len(configs),
-              "num_launchable": len(logprobs.launch_configs()) + len(divergence.launch_configs()),
+              "num_launchable": sum(len(m.launch_configs()) for m in (logprobs, divergence, pairwise)),
               "num_compiled": sum("registers" in r for r in rows),
               "num_failed": len(failed), "results": rows}
     json.dump(report, sys.stdout, indent=1)

@@ -1,0 +1,231 @@
+"""The pairwise preference kernel (kernels/triton/pairwise.py) through ``dpo_loss`` / ``bt_loss`` with
+backend="triton": values and both gradients against float64 autograd of the loss formulas
+(``kernels/reference.py``'s ``pair_forward`` on float64 inputs), and the kernel against its fp32 torch
+twin. Without a GPU the kernel runs in the Triton interpreter on CPU tensors."""
+import pytest
+import torch
+
+import fastpref
+from fastpref.divergences import REGISTRY
+from fastpref.kernels import reference
+from fastpref.ops.preference import LENGTH_NORMALIZED, PAIRWISE_TYPES, REFERENCE_FREE, SCORE_TYPES
+
+pytestmark = pytest.mark.skipif(not fastpref.backends()["triton"].available,
+                                reason=fastpref.backends()["triton"].reason)
+
+# dpo_loss keyword arguments and pair_forward's (div_id, param) per divergence score.
+DIVS = {
+    "reverse_kl": ({}, 0.0),
+    "forward_kl": ({}, 0.0),
+    "js": ({"js_beta": 0.3}, 0.3),
+    "alpha": ({"alpha": 0.3}, 0.3),
+}
+DPO_TYPES = [t for t in PAIRWISE_TYPES if t != "bt"]
+CASES = [(t, d) for t in SCORE_TYPES for d in DIVS] + [(t, "reverse_kl") for t in DPO_TYPES if t not in SCORE_TYPES]
+SMOOTHED = ("sigmoid", "robust", "exo_pair", "simpo")
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def make(B, seed, spread=2.0):
+    """Sequence log-probs, reference log-probs (log-ratios ~ N(0, spread)) and completion lengths."""
+    g = torch.Generator().manual_seed(seed)
+    nw, nl = torch.randint(1, 40, (B,), generator=g), torch.randint(1, 40, (B,), generator=g)
+    w = -nw * (0.3 + torch.rand(B, generator=g))
+    l = -nl * (0.3 + torch.rand(B, generator=g))
+    return w, l, w - spread * torch.randn(B, generator=g), l - spread * torch.randn(B, generator=g), nw, nl
+
+
+def kernel_args(loss_type, divergence, eps, beta):
+    """(dpo_loss keywords, pair_forward keywords) of one configuration."""
+    kw, param = DIVS[divergence]
+    dpo = dict(beta=beta, loss_type=loss_type, divergence=divergence, label_smoothing=eps, **kw)
+    pair = dict(loss_type=loss_type, beta=beta, label_smoothing=eps, div_id=REGISTRY[divergence].kernel_id,
+                param=param)
+    return dpo, pair
+
+
+def oracle(w, l, rw, rl, nw, nl, **pair):
+    """float64 per-pair loss and derivatives of the inputs as the kernel sees them (rounded to their dtype)."""
+    ref = (None, None) if pair["loss_type"] in REFERENCE_FREE else (rw.double(), rl.double())
+    lengths = (nw.double(), nl.double()) if pair["loss_type"] in LENGTH_NORMALIZED else (None, None)
+    return reference.pair_forward(w.double(), l.double(), *ref, *lengths, **pair)
+
+
+def check(actual, expected, rtol, what, floor=1e-6):
+    """Elementwise |actual - expected| <= rtol |expected| + floor max(max|expected|, 1e-6) (+ 1e-30 for
+    fp32 underflow). The floor covers elements that are differences of larger terms (hinge near its kink,
+    apo_down's gradient), whose fp32 error is relative to those terms, and the float64 oracle's own
+    rounding (autograd through log-sigmoids loses ~1e-16 absolute to 1 - sig(x))."""
+    actual = actual.double()
+    assert torch.isfinite(actual).all(), f"{what}: non-finite {actual}"
+    err = (actual - expected).abs() - rtol * expected.abs()
+    atol = floor * max(expected.abs().max().item(), 1e-6) + 1e-30
+    assert (err <= atol).all(), f"{what}: worst excess {err.max():.3g} > {atol:.3g}\n{actual}\n{expected}"
+
+
+def reduced(per_pair, grads, reduction, upstream):
+    """The float64 loss and gradients dpo_loss should give for ``reduction`` (upstream grad for "none")."""
+    if reduction == "mean":
+        return per_pair.mean(), [g / per_pair.numel() for g in grads]
+    if reduction == "sum":
+        return per_pair.sum(), grads
+    return per_pair, [g * upstream for g in grads]
+
+
+def run_dpo(w, l, rw, rl, nw, nl, dtype, reduction, dpo, backend="triton"):
+    """dpo_loss on ``dtype`` inputs: (loss, grad chosen, grad rejected, output)."""
+    cw, cl = w.to(dtype).requires_grad_(), l.to(dtype).requires_grad_()
+    ref = (None, None) if dpo["loss_type"] in REFERENCE_FREE else (rw.to(dtype), rl.to(dtype))
+    out = fastpref.dpo_loss(cw, cl, *ref, reduction=reduction, chosen_lengths=nw, rejected_lengths=nl,
+                            backend=backend, **dpo)
+    upstream = torch.linspace(0.5, 1.5, w.shape[0])
+    out.loss.backward(upstream if reduction == "none" else None)
+    return out.loss.detach(), cw.grad, cl.grad, out, upstream
+
+
+@pytest.mark.parametrize("loss_type,divergence", CASES)
+def test_dpo_kernel_matches_float64(loss_type, divergence):
+    # Every dtype x reduction; B cycles through 1, 7 and 130 (a partial block each), eps through 0 and 0.1.
+    for i, (dtype, reduction) in enumerate((d, r) for d in (torch.float32, torch.bfloat16)
+                                           for r in ("mean", "sum", "none")):
+        B = (1, 7, 130)[i % 3]
+        eps = (0.0, 0.1)[i % 2] if loss_type in SMOOTHED else 0.0
+        if loss_type == "exo_pair":
+            eps = (1e-3, 0.1)[i % 2]
+        dpo, pair = kernel_args(loss_type, divergence, eps, beta=0.4)
+        w, l, rw, rl, nw, nl = make(B, seed=i)
+        w, l, rw, rl = (t.to(dtype) for t in (w, l, rw, rl))
+        loss, gw, gl, _, upstream = run_dpo(w, l, rw, rl, nw, nl, dtype, reduction, dpo)
+        assert gw.dtype == gl.dtype == dtype and loss.dtype == torch.float32
+        per, *grads = oracle(w, l, rw, rl, nw, nl, **pair)
+        e_loss, (e_gw, e_gl) = reduced(per, grads, reduction, upstream.double())
+        what = f"{dtype} {reduction} B={B} eps={eps}"
+        check(loss, e_loss, 1e-5, f"loss {what}")
+        grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 gradients are rounded to bf16
+        check(gw, e_gw, grad_rtol, f"grad chosen {what}")
+        check(gl, e_gl, grad_rtol, f"grad rejected {what}")
+
+
+@pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's
+@pytest.mark.parametrize("loss_type,divergence", CASES)
+def test_dpo_kernel_extreme_log_ratios(loss_type, divergence):
+    """Log-ratios up to +-200: finite wherever the float64 results fit in fp32, and equal to them there."""
+    grid = torch.tensor([-200.0, -60.0, -3.0, 0.0, 0.5, 60.0, 200.0])
+    rho_w, rho_l = grid.repeat(len(grid)), grid.repeat_interleave(len(grid))
+    B = rho_w.numel()
+    _, _, rw, rl, nw, nl = make(B, seed=3)
+    rw, rl = (rw * 4).round() / 4, (rl * 4).round() / 4  # so that logp - ref_logp gives rho exactly in fp32
+    w, l = rw + rho_w, rl + rho_l
+    if loss_type in REFERENCE_FREE:  # simpo: the log-probs themselves are extreme
+        w, l = rho_w - 200.0, rho_l - 200.0
+    eps = 1e-3 if loss_type == "exo_pair" else 0.1 if loss_type in SMOOTHED else 0.0
+    dpo, pair = kernel_args(loss_type, divergence, eps, beta=1.0)
+    _, gw, gl, out, _ = run_dpo(w, l, rw, rl, nw, nl, torch.float32, "none", dpo)
+    per, e_gw, e_gl = oracle(w, l, rw, rl, nw, nl, **pair)
+    # Compared wherever the float64 results fit in fp32, except where an exponential score (forward_kl,
+    # alpha) itself exceeds fp32 (rho < -88 / (1 - alpha)): there the kernel, like the torch path, gives
+    # inf or NaN (inf - inf when both scores overflow).
+    kw, param = DIVS[divergence]
+    scores = REGISTRY[divergence].score(torch.stack([rho_w, rho_l]), param)
+    fits = torch.stack([per, e_gw, e_gl]).abs().le(FP32_MAX).all(0) & scores.isfinite().all(0)
+    if divergence in ("reverse_kl", "js"):
+        assert fits.all()
+    assert fits.sum() >= B // 2
+    upstream = torch.linspace(0.5, 1.5, B).double()[fits]
+    check(out.loss.detach()[fits], per[fits], 1e-5, "loss")
+    check(gw[fits], e_gw[fits] * upstream, 1e-5, "grad chosen")
+    check(gl[fits], e_gl[fits] * upstream, 1e-5, "grad rejected")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("margin", [None, 0.7, "0-d", "vector"])
+def test_bt_kernel_matches_float64(dtype, margin):
+    for i, (reduction, center_coef, B) in enumerate((("mean", 0.0, 7), ("sum", 0.01, 130), ("none", 0.05, 1))):
+        g = torch.Generator().manual_seed(i)
+        w, l = (3 * torch.randn(B, generator=g)).to(dtype), (3 * torch.randn(B, generator=g)).to(dtype)
+        m = {"0-d": torch.tensor(0.3), "vector": torch.rand(B, generator=g)}.get(margin, margin)
+        cw, cl = w.clone().requires_grad_(), l.clone().requires_grad_()
+        out = fastpref.bt_loss(cw, cl, margin=m, center_coef=center_coef, reduction=reduction, backend="triton")
+        upstream = torch.linspace(0.5, 1.5, B)
+        out.loss.backward(upstream if reduction == "none" else None)
+        per, *grads = reference.pair_forward(w.double(), l.double(), loss_type="bt", center_coef=center_coef,
+                                             margin=m.double() if isinstance(m, torch.Tensor) else m)
+        e_loss, (e_gw, e_gl) = reduced(per, grads, reduction, upstream.double())
+        check(out.loss.detach(), e_loss, 1e-5, f"bt loss {reduction}")
+        grad_rtol = 1e-5 if dtype == torch.float32 else 1e-2
+        check(cw.grad, e_gw, grad_rtol, f"bt grad chosen {reduction}")
+        check(cl.grad, e_gl, grad_rtol, f"bt grad rejected {reduction}")
+        torch_out = fastpref.bt_loss(w, l, margin=m, center_coef=center_coef, reduction=reduction, backend="torch")
+        assert torch.equal(out.chosen_rewards, torch_out.chosen_rewards)
+        assert out.metrics.keys() == torch_out.metrics.keys()
+        assert all(torch.equal(out.metrics[k], torch_out.metrics[k]) for k in out.metrics)
+
+
+@pytest.mark.parametrize("loss_type,divergence", CASES + [("bt", "reverse_kl")])
+def test_torch_twin_equals_kernel(loss_type, divergence):
+    from fastpref.kernels.triton import pairwise
+
+    # Two programs, the second partial; log-ratios where the fp32 torch formulas stay finite.
+    w, l, rw, rl, nw, nl = make(1030, seed=5, spread=1.0)
+    _, pair = kernel_args(loss_type, divergence, 0.1 if loss_type != "exo_pair" else 1e-3, beta=0.4)
+    ref = (None, None) if loss_type in REFERENCE_FREE + ("bt",) else (rw, rl)
+    lengths = (nw.float(), nl.float()) if loss_type in LENGTH_NORMALIZED else (None, None)
+    if loss_type == "bt":
+        pair.update(margin=torch.rand(1030), center_coef=0.01)
+    for got, want, what in zip(pairwise.pair_forward(w, l, *ref, *lengths, **pair),
+                               reference.pair_forward(w, l, *ref, *lengths, **pair), ("loss", "gw", "gl")):
+        assert got.dtype == want.dtype == torch.float32
+        check(got, want.double(), 1e-4, what, floor=1e-5)  # both fp32: the torch one rounds more
+
+
+def test_kernel_path_keeps_rewards_and_metrics():
+    w, l, rw, rl, nw, nl = make(9, seed=7)
+    for loss_type in ("sigmoid", "simpo", "ipo"):
+        dpo, _ = kernel_args(loss_type, "reverse_kl", 0.0, beta=0.2)
+        *_, fused, _ = run_dpo(w, l, rw, rl, nw, nl, torch.float32, "mean", dpo)
+        *_, plain, _ = run_dpo(w, l, rw, rl, nw, nl, torch.float32, "mean", dpo, backend="torch")
+        assert torch.equal(fused.chosen_rewards, plain.chosen_rewards)
+        assert torch.equal(fused.rejected_rewards, plain.rejected_rewards)
+        assert fused.metrics.keys() == plain.metrics.keys()
+        assert all(torch.equal(fused.metrics[k], plain.metrics[k]) for k in fused.metrics)
+        torch.testing.assert_close(fused.loss, plain.loss)
+
+
+def test_torch_path_fallbacks():
+    w, l, rw, rl, nw, nl = make(6, seed=8)
+    # Reference log-probs that require grad: the torch path, gradients reach them.
+    rw_, rl_ = rw.clone().requires_grad_(), rl.clone().requires_grad_()
+    fastpref.dpo_loss(w, l, rw_, rl_, backend="triton").loss.backward()
+    expected = torch.autograd.grad(fastpref.dpo_loss(w, l, rw_, rl_, backend="torch").loss, rw_)[0]
+    torch.testing.assert_close(rw_.grad, expected)
+    # Batch-coupled types run the torch path on the triton backend too.
+    for loss_type, ref in (("aot", (rw, rl)), ("aot_unpaired", (rw, rl)), ("orpo", (None, None))):
+        kw = dict(loss_type=loss_type, chosen_lengths=nw, rejected_lengths=nl)
+        torch.testing.assert_close(fastpref.dpo_loss(w / 40, l / 40, *ref, backend="triton", **kw).loss,
+                                   fastpref.dpo_loss(w / 40, l / 40, *ref, backend="torch", **kw).loss)
+    # A margin that requires grad gets its gradient.
+    margin = torch.rand(6, requires_grad=True)
+    fastpref.bt_loss(w, l, margin=margin, backend="triton").loss.backward()
+    assert margin.grad is not None and margin.grad.abs().sum() > 0
+
+
+def test_kernel_path_errors():
+    from fastpref.kernels.triton import pairwise
+
+    w, l, rw, rl, _, _ = make(4, seed=9)
+    cw = w.clone().requires_grad_()
+    loss = fastpref.dpo_loss(cw, l, rw, rl, backend="triton").loss
+    (g,) = torch.autograd.grad(loss, cw, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|double backward|does not require grad"):
+        g.sum().backward()
+    for impl in (pairwise, reference):
+        with pytest.raises(ValueError, match="has no pairwise kernel"):
+            impl.pair_forward(w, l, rw, rl, loss_type="orpo")
+    with pytest.raises(ValueError, match="not valid for loss_type"):
+        pairwise.pair_forward(w, l, rw, rl, loss_type="bco_pair", div_id=REGISTRY["js"].kernel_id, param=0.5)
+    with pytest.raises(ValueError, match="margin is bt's option"):
+        pairwise.pair_forward(w, l, rw, rl, loss_type="sigmoid", margin=0.5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpref.dpo_loss(w, l, rw, rl, backend="gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpref.bt_loss(w, l, backend="gpu")
