@@ -31,16 +31,16 @@ class DPOLoss(torch.nn.Module):
 class BTLoss(torch.nn.Module):
     """``bt_loss`` as a module: ``BTLoss(center_coef=0.01)(chosen_rewards, rejected_rewards, margin=None)``."""
 
-    def __init__(self, *, center_coef=0.0, reduction="mean"):
+    def __init__(self, *, center_coef=0.0, reduction="mean", backend="auto"):
         super().__init__()
-        self.center_coef, self.reduction = center_coef, reduction
+        self.center_coef, self.reduction, self.backend = center_coef, reduction, backend
 
     def forward(self, chosen_rewards, rejected_rewards, margin=None):
         return bt_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=self.center_coef,
-                       reduction=self.reduction)
+                       reduction=self.reduction, backend=self.backend)
 
     def extra_repr(self):
-        return f"center_coef={self.center_coef!r}, reduction={self.reduction!r}"
+        return f"center_coef={self.center_coef!r}, reduction={self.reduction!r}, backend={self.backend!r}"
 
 
 class LinearDPOLoss(torch.nn.Module):

@@ -196,3 +196,5 @@ def test_nn_modules_match_functions():
                        fastpref.dpo_loss(w, l, rw, rl, beta=0.2, loss_type="ipo", chosen_lengths=lw,
                                          rejected_lengths=ll).loss)
     assert torch.equal(BTLoss(center_coef=0.1)(w, l).loss, fastpref.bt_loss(w, l, center_coef=0.1).loss)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BTLoss(backend="gpu")(w, l)
