@@ -33,13 +33,18 @@ def _seed():
 
 
 class CountMatmuls(TorchDispatchMode):
-    """Counts the matmuls (mm, addmm) run inside it: how the fused-linear tests see a recompute."""
+    """Counts the matmuls (mm, addmm) run inside it, and their multiply-adds (m x k x n): how the fused-linear
+    tests see a recompute."""
 
     def __init__(self):
         super().__init__()
         self.count = 0
+        self.macs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in ("mm", "addmm", "addmm_"):
+        name = func.__name__.split(".")[0]
+        if name in ("mm", "addmm", "addmm_"):
             self.count += 1
+            a, b = args[:2] if name == "mm" else args[1:3]
+            self.macs += a.shape[0] * a.shape[1] * b.shape[1]
         return func(*args, **(kwargs or {}))

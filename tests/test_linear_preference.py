@@ -38,10 +38,12 @@ CASES = [("sigmoid", {}), ("ipo", {}), ("hinge", {"divergence": "js"}), ("sigmoi
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpu", "triton"))
-@pytest.mark.parametrize("chunk_size", [None, 3, 11])  # one chunk; chunks that split sequences; whole pairs
+# One chunk; chunks that split pairs, with H = 8 > 2 x 3 (two passes) or <= 2 x 4 and 2 x 7 (one pass, the open
+# pair's gradients deferred); chunks of whole pairs.
+@pytest.mark.parametrize("chunk_size", [None, 3, 4, 7, 11])
 @pytest.mark.parametrize("loss_type,kw", CASES, ids=[c[0] + "-" + "-".join(map(str, c[1].values())) for c in CASES])
 def test_fused_equals_unfused(backend, chunk_size, loss_type, kw):
-    if backend == "triton" and chunk_size == 3 and loss_type not in ("sigmoid", "orpo"):
+    if backend == "triton" and chunk_size in (3, 4, 7) and loss_type not in ("sigmoid", "orpo"):
         pytest.skip("interpreter time: the chunked triton path is covered by sigmoid and orpo")
     hidden, weight, bias, labels, ref = make()
     ins = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
@@ -87,24 +89,44 @@ def _matmuls(chunk_size, loss_type="sigmoid", grad=True):
                                        loss_type=loss_type, chunk_size=chunk_size, backend="torch")
         if grad:
             out.loss.backward()
-    return mode.count, out
+    return mode.count, out, mode.macs
 
 
 def test_three_matmuls_when_chunks_hold_whole_pairs():
-    one_chunk, _ = _matmuls(None)
+    one_chunk, *_ = _matmuls(None)
     assert one_chunk == 3  # logits, grad hidden, grad weight: no recompute
-    pairs, _ = _matmuls(11)  # every pair here has <= 10 tokens: chunks end on pair boundaries
-    split, _ = _matmuls(3)  # pairs larger than a chunk: forward, then recompute
+    pairs, *_ = _matmuls(11)  # every pair here has <= 10 tokens: chunks end on pair boundaries
+    split, *_ = _matmuls(3)  # pairs larger than a chunk, H > 2 x chunk: forward, then recompute
     n_tokens = int((make()[3] != -100).sum())
-    chunks = -(-n_tokens // 3)
-    assert split == 4 * chunks
+    assert split == 4 * -(-n_tokens // 3)
     assert pairs % 3 == 0 and pairs > 3  # several chunks, 3 matmuls each
-    coupled, _ = _matmuls(None, loss_type="aot")  # sorting couples pairs: two passes even in one chunk
+    # Pairs larger than a chunk of 4 and H <= 2 x 4: one pass; a chunk that ends inside a pair splits its
+    # weight-gradient matmul (rows of complete pairs, the open pair's chosen rows, its rejected rows), so
+    # count multiply-adds rather than calls: every token goes through 3 matmuls of H x V.
+    *_, macs = _matmuls(4)
+    assert macs == 3 * n_tokens * H * V
+    coupled, *_ = _matmuls(4, loss_type="aot")
+    assert coupled == 4 * -(-n_tokens // 4)
+    coupled, *_ = _matmuls(None, loss_type="aot")  # sorting couples pairs: two passes even in one chunk
     assert coupled == 4
 
 
+def test_frozen_head_one_pass_with_pairs_split_across_chunks():
+    # LoRA-style: no weight gradient, so nothing weight-sized is deferred; 2 matmuls per token.
+    hidden, weight, bias, labels, ref = make()
+    a = hidden.clone().requires_grad_()
+    kw = dict(ref_chosen_logps=ref[0], ref_rejected_logps=ref[1], bias=bias, beta=0.2, chunk_size=3, backend="torch")
+    with CountMatmuls() as mode:
+        fastpref.linear_dpo_loss(a, weight, labels, **kw).loss.backward()
+    n_tokens = int((labels != -100).sum())
+    assert mode.macs == 2 * n_tokens * H * V
+    r = hidden.double().requires_grad_()
+    unfused(r, weight.double(), bias.double(), labels, ref, "sigmoid", beta=0.2).backward()
+    close(a.grad, r.grad, 2e-5, "grad hidden")
+
+
 def test_eval_mode_does_no_gradient_work():
-    count, out = _matmuls(None, grad=False)
+    count, out, _ = _matmuls(None, grad=False)
     assert count == 1 and out.loss.grad_fn is None
 
 

@@ -1,11 +1,17 @@
 """linear_dpo_loss: sequence log-probs from hidden states and the head, and the DPO-family loss, in one call.
 
 Never holds [N, V] logits. The loss is a function of the 2B sequence log-prob sums only, and for every
-type but aot, aot_unpaired and orpo it is a sum over pairs. Tokens are therefore processed pair by pair:
-when a chunk holds whole pairs, their loss gradient is known as soon as the chunk's log-probs are, and
-the chunk's gradients are computed from the logits still in the buffer (3 matmuls per token instead of
-4). Otherwise (a pair larger than the chunk, or a loss that couples pairs) a first pass computes all
-sequence log-probs and a second recomputes each chunk for the gradients.
+type but aot, aot_unpaired and orpo it is a sum over pairs. Tokens are therefore processed pair by pair,
+and a pair's loss gradient is known as soon as its last token's log-prob is:
+
+- chunks that hold whole pairs compute their head gradients from the logits still in the buffer (3
+  matmuls per token instead of 4);
+- a pair that runs past the end of a chunk has its tokens' gradients computed with a unit coefficient:
+  the hidden-gradient rows wait unscaled, the weight gradient goes to a [V, H] fp32 buffer per side
+  (chosen, rejected), and both are scaled when the pair completes (still 3 matmuls per token, for two
+  weight-sized buffers; used when those cost at most 4 chunk buffers, H <= 2 x chunk);
+- otherwise (a loss that couples pairs, or a large head with small chunks) a first pass computes all
+  sequence log-probs and a second recomputes each chunk for the gradients.
 """
 from __future__ import annotations
 
@@ -13,8 +19,8 @@ import torch
 
 from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_same_device
-from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, auto_chunk_size, chunk_buffers, linear_logprobs,
-                                   scale_head_grads)
+from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, auto_chunk_size, chunk_buffers,
+                                   linear_logprobs, scale_head_grads)
 from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
 
 _COUPLED = ("aot", "aot_unpaired", "orpo")  # their loss does not split into independent pairs
@@ -35,20 +41,63 @@ def _pair_order(labels, ignore_index):
     return order, seq, torch.cumsum(per_pair, 0), keep.sum(1)
 
 
-def _chunks(pair_end, chunk, decomposable):
-    """Token ranges [s, e) and the pairs they complete; ranges end on pair boundaries when pairs fit."""
+def _chunks(pair_end, chunk, align):
+    """Token ranges [s, e) of at most ``chunk`` tokens; with ``align``, ranges end on pair boundaries
+    (every pair must then fit in a chunk)."""
     ends = pair_end.tolist()
     total = ends[-1] if ends else 0
-    if not decomposable or max((b - a for a, b in zip([0] + ends, ends)), default=0) > chunk:
-        return [(s, min(s + chunk, total), None) for s in range(0, total, chunk)]
-    out, s, first = [], 0, 0
+    if not align:
+        return [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
+    out, s = [], 0
     for p, e in enumerate(ends):
         if e - s > chunk:
-            out.append((s, ends[p - 1], (first, p)))
-            s, first = ends[p - 1], p
+            out.append((s, ends[p - 1]))
+            s = ends[p - 1]
     if total > s:
-        out.append((s, total, (first, len(ends))))
+        out.append((s, total))
     return out
+
+
+class _DeferredPair:
+    """The head gradients of the tokens of a pair whose loss gradient is not known yet (the pair runs past
+    the end of the chunk): their rows of the hidden gradient stay unscaled in ``grads.gh``, and their
+    weight and bias gradients accumulate per side, chosen and rejected, each its own [V, H] fp32 buffer.
+    When the pair completes, ``settle`` scales the rows and adds c_w acc_w + c_l acc_l: the same three
+    matmuls per token as a chunk that holds whole pairs, for two weight-sized buffers."""
+
+    def __init__(self, grads):
+        self.grads = grads
+        self.acc_w = None if grads.gw is None else [torch.zeros_like(grads.gw) for _ in range(2)]
+        self.acc_b = None if grads.gb is None else [torch.zeros_like(grads.gb) for _ in range(2)]
+        self.start = None  # first token row of the open pair
+
+    def add(self, g, s, e, split):
+        """Rows [s, e) of the open pair with their unit-coefficient logit gradient ``g``; rows before
+        ``split`` are chosen tokens, the rest rejected."""
+        grads = self.grads
+        if self.start is None:
+            self.start = s
+        if grads.gh is not None:
+            torch.mm(g, grads.weight, out=grads.gh[s:e])
+        for side, (a, b) in enumerate(((s, split), (split, e))):
+            if b > a:
+                if self.acc_w is not None:
+                    _accumulate_fp32(self.acc_w[side], g[a - s:b - s].t(), grads.h[a:b])
+                if self.acc_b is not None:
+                    self.acc_b[side] += g[a - s:b - s].sum(0, dtype=torch.float32)
+
+    def settle(self, end, row_coef, c_w, c_l):
+        """The open pair completed: rows [start, end) get their coefficients ``row_coef``."""
+        grads = self.grads
+        if grads.gh is not None:
+            grads.gh[self.start:end] *= row_coef.unsqueeze(1).to(grads.gh.dtype)
+        for acc, total in ((self.acc_w, grads.gw), (self.acc_b, grads.gb)):
+            if acc is not None:
+                total += acc[0].mul_(c_w)
+                total += acc[1].mul_(c_l)
+                acc[0].zero_()
+                acc[1].zero_()
+        self.start = None
 
 
 class _LinearDPOFunction(torch.autograd.Function):
@@ -66,32 +115,55 @@ class _LinearDPOFunction(torch.autograd.Function):
         need_any = any(need)
         decomposable = cfg["loss_type"] not in _COUPLED
         chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, pair_end, decomposable and need_any)
-        plan = _chunks(pair_end, chunk, decomposable)
-        one_pass = need_any and all(p is not None for _, _, p in plan)
+        largest = int(torch.diff(pair_end, prepend=pair_end.new_zeros(1)).max()) if B else 0
+        aligned = largest <= chunk
+        # One pass (gradients in the forward) when the pairs decompose and either every pair fits in a chunk
+        # or the open pair's deferred weight gradients (2 x [V, H] fp32) cost at most 4 chunk buffers.
+        one_pass = need_any and decomposable and (aligned or not need[1] or 2 * hidden.shape[-1] <= 4 * chunk)
+        plan = _chunks(pair_end, chunk, aligned and decomposable)
         kw = dict(temperature=1.0, softcap=0.0, ignore_index=cfg["ignore_index"])
 
         chosen_tokens = lengths[:B].sum().clamp(min=1)
         seq_logps = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
-        token_logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grads = HeadGrads(h, weight, bias, need)
         buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
-        coef = None
-        for s, e, pairs in plan:
+        ends = pair_end.tolist()
+        starts = [0] + ends[:-1]
+        chosen_len = lengths[:B].tolist()
+        deferred = _DeferredPair(grads) if one_pass and not aligned else None
+        done = 0  # pairs whose coefficients are applied
+        for s, e in plan:
             z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
             lp, ls, _ = ops.row_forward(z, y[s:e], **kw)
-            token_logp[s:e], lse[s:e] = lp, ls
+            lse[s:e] = ls
             seq_logps.index_add_(0, seq[s:e], lp)
-            if one_pass:
-                # These pairs are complete: their loss gradient per sequence is known now.
-                idx = torch.cat([torch.arange(*pairs, device=h.device), torch.arange(*pairs, device=h.device) + B])
-                c = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, idx)
-                g = gbuf[: e - s]
-                ops.row_backward(z, y[s:e], ls, None, c[seq[s:e]], None, g, **kw)
-                grads.add(g, s, e)
+            if not one_pass:
+                continue
+            complete = done
+            while complete < B and ends[complete] <= e:
+                complete += 1
+            if complete > done:
+                pairs = torch.arange(done, complete, device=h.device)
+                c = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, torch.cat([pairs, pairs + B]))
+            else:  # the chunk lies inside one open pair
+                c = torch.zeros_like(seq_logps)
+            rows = seq[s:e]
+            # Tokens of the pair still open at e get coefficient 1: their gradient is scaled when it completes.
+            coef = torch.where(rows % B < complete, c[rows], torch.ones_like(c[rows]))
+            g = gbuf[: e - s]
+            ops.row_backward(z, y[s:e], ls, None, coef, None, g, **kw)
+            open_from = max(s, starts[complete]) if complete < B and starts[complete] < e else e
+            if deferred is not None and deferred.start is not None and complete > done:
+                p = done  # the pair left open by the previous chunk completes in this one
+                deferred.settle(s, c[seq[deferred.start:s]], c[p], c[p + B])
+            grads.add(g[: open_from - s], s, open_from)
+            if open_from < e:
+                deferred.add(g[open_from - s:], open_from, e, min(e, max(open_from, starts[complete] + chosen_len[complete])))
+            done = complete
         if need_any and not one_pass:
             coef = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, None)
-            for s, e, _ in plan:
+            for s, e in plan:
                 z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
                 g = gbuf[: e - s]
                 ops.row_backward(z, y[s:e], lse[s:e], None, coef[seq[s:e]], None, g, **kw)
@@ -178,7 +250,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
 
     ``chunk_size`` (tokens per chunk) defaults to the log-prob budget (``auto_chunk_size``), stretched up to
     4x when that makes the largest pair fit, so that the gradients come out of the forward pass (3 matmuls
-    per token, not 4). Returns a PreferenceOutput whose metrics also hold the per-sequence
+    per token, not 4); larger pairs defer the gradients of the pair open at a chunk's end (module
+    docstring), or, when H > 2 x chunk_size, take two passes. Returns a PreferenceOutput whose metrics also hold the per-sequence
     ``chosen_logps`` and ``rejected_logps`` [B]. Without grad (eval) no gradient work is done.
     """
     check_float("hidden", hidden, dim=3)
