@@ -13,7 +13,7 @@
 #include <omp.h>
 #endif
 
-#include "logprobs_cpu.h"  // DType
+#include "row_args.h"  // DType
 
 // x86-64-v3 adds AVX2 + FMA + F16C, x86-64-v4 adds AVX-512; both measurably beat the SSE2 baseline
 // on the exp-bound loops. ifunc dispatch needs GCC on ELF; elsewhere the baseline build is used.

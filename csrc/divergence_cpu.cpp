@@ -14,11 +14,8 @@
 //
 // Backward. One sweep per row recomputes p, q and the terms and writes both gradients.
 //
-// The terms use d = log(p / q) = (z - zr) - (lse - lse_r) rather than the difference of two
-// log-probabilities: the logit difference keeps its precision whatever the logits' magnitude, and
-// identical rows give d = 0 exactly, hence value 0 and zero gradients rather than rounding noise.
-// Logits of -inf (a vocabulary mask) give p = 0 or q = 0; the terms take the limit there (0 where the
-// other side is 0 too) instead of 0 * inf = NaN.
+// The terms themselves (and their handling of -inf logits) are divergence_terms.h's, shared with the CUDA
+// kernels.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -26,6 +23,7 @@
 
 #include "common_cpu.h"
 #include "divergence_cpu.h"
+#include "divergence_terms.h"
 
 namespace fastpref {
 namespace cpu {
@@ -35,95 +33,19 @@ namespace {
 // than exp(-inf + inf) = NaN, with no branch in the element loop.
 constexpr float kNegBig = -std::numeric_limits<float>::max();
 
-// Per-call constants from the parameter, rounded from double once: js (beta, 1 - beta), alpha
-// (alpha, 1 / (alpha - 1), 1 / alpha) so that the element loops multiply instead of dividing.
-struct Coef {
-  float param, k0, k1;
-};
-
-Coef make_coef(int div, double param) {
-  if (div == kJS) return {float(param), float(1.0 - param), 0.0f};
-  if (div == kAlpha) return {float(param), float(1.0 / (param - 1.0)), float(1.0 / param)};
-  return {0.0f, 0.0f, 0.0f};
-}
-
 struct RowStats {
   float lse, lse_r, dl;  // dl = lse - lse_r
 };
 
-struct Terms {
-  float p, q, qf, pa, qb;
+struct CpuMath {
+  static FP_INLINE float exp(float x) { return fast_exp(x); }
+  static FP_INLINE float log(float x) { return fast_log(x); }
 };
 
-// p, q and fastpref.divergences' terms qf = q f(p / q), pa = p f'(p / q), qb = q (f - u f') at one element.
+// p, q and the terms at one element (divergence_terms.h, shared with the CUDA kernels).
 template <int DIV>
-FP_INLINE Terms terms(float z, float zr, const RowStats& st, const Coef& c) {
-  const float lp = z - st.lse;
-  const float lq = zr - st.lse_r;
-  const float d = (z - zr) - st.dl;
-  Terms t;
-  if constexpr (DIV == kHellinger) {
-    // sqrt(p), sqrt(q) first: (sqrt p - sqrt q)^2 has none of p + q - 2 sqrt(pq)'s cancellation.
-    const float sp = fast_exp(0.5f * lp);
-    const float sq = fast_exp(0.5f * lq);
-    const float diff = sp - sq;
-    t.p = sp * sp;
-    t.q = sq * sq;
-    t.qf = diff * diff;
-    t.pa = sp * diff;
-    t.qb = -sq * diff;
-  } else if constexpr (DIV == kJS) {
-    // With m = beta p + (1 - beta) q: log(m / p) = log_arg + max(-d, 0) and log(m / q) = log_arg +
-    // max(d, 0), where log_arg = log(1 - k (1 - e^-|d|)), k = 1 - beta for d >= 0 and beta otherwise.
-    // The argument lies in [min(beta, 1 - beta), 1] whatever d (clamped there in case 1 - beta rounded
-    // to 1), d = 0 gives log_arg = 0 exactly, and an infinite d only reaches the side whose probability
-    // is 0. The smaller of p and q is the larger times e^-|d|: one exp fewer.
-    const bool pos = d >= 0.0f;
-    const float ratio = fast_exp(pos ? -d : d);
-    const float big = fast_exp(pos ? lp : lq);
-    const float small = big == 0.0f ? 0.0f : big * ratio;  // p = q = 0 makes d, hence ratio, NaN
-    t.p = pos ? big : small;
-    t.q = pos ? small : big;
-    const float k = pos ? c.k0 : c.param;
-    const float lo = pos ? c.param : c.k0;
-    float arg = 1.0f - k * (1.0f - ratio);
-    arg = arg < lo ? lo : arg;
-    const float log_arg = fast_log(arg);
-    const float hp = log_arg + (pos ? 0.0f : -d);
-    const float hq = log_arg + (pos ? d : 0.0f);
-    t.pa = t.p == 0.0f ? 0.0f : -c.param * t.p * hp;
-    t.qb = t.q == 0.0f ? 0.0f : -c.k0 * t.q * hq;
-    t.qf = t.pa + t.qb;
-  } else {
-    t.p = fast_exp(lp);
-    t.q = fast_exp(lq);
-    if constexpr (DIV == kReverseKL) {
-      t.qf = t.p == 0.0f ? 0.0f : t.p * d;
-      t.pa = t.qf + t.p;
-      t.qb = -t.p;
-    } else if constexpr (DIV == kForwardKL) {
-      t.qf = t.q == 0.0f ? 0.0f : -t.q * d;
-      t.pa = -t.q;
-      t.qb = t.qf + t.q;
-    } else if constexpr (DIV == kAlpha) {
-      // w = p^a q^(1 - a) = q e^(a d): bounded by max(p, q), and exactly q (hence p) when d = 0. Its
-      // exponent is NaN only for p = q = 0 or a -inf logit facing a finite one, where w = 0.
-      const float u = lq + c.param * d;
-      const float w = u == u ? fast_exp(u) : 0.0f;
-      // qf = pa + qb adds terms of size |p - q| rather than of size p: less cancellation when p ~ q.
-      t.pa = (w - t.p) * c.k0;
-      t.qb = (t.q - w) * c.k1;
-      t.qf = t.pa + t.qb;
-    } else {
-      static_assert(DIV == kTV, "unknown divergence");
-      const float diff = t.p - t.q;
-      const float half_sign = diff > 0.0f ? 0.5f : (diff < 0.0f ? -0.5f : 0.0f);  // subgradient 0 at p == q
-      t.qf = (diff < 0.0f ? -diff : diff) * 0.5f;
-      t.pa = t.p * half_sign;
-      t.qb = -t.q * half_sign;
-    }
-  }
-  return t;
+FP_INLINE DivTerms terms(float z, float zr, const RowStats& st, const DivCoef& c) {
+  return div_terms<DIV, CpuMath>(z, zr, st.lse, st.lse_r, st.dl, c);
 }
 
 template <int DT>
@@ -171,7 +93,7 @@ FP_INLINE bool masked(const int64_t* labels, int64_t ignore_index, int64_t row) 
 
 template <int DIV>
 FP_INLINE void fwd_rows(const DivFwdArgs& a, int64_t r0, int64_t r1) {
-  const Coef c = make_coef(DIV, a.param);
+  const DivCoef c = make_div_coef(DIV, a.param);
   const float scale = 1.0f / a.temperature;
   alignas(64) float z[kChunk];
   alignas(64) float zr[kChunk];
@@ -241,7 +163,7 @@ FP_INLINE void fwd_rows(const DivFwdArgs& a, int64_t r0, int64_t r1) {
         float bqf = 0.0f, bpa = 0.0f, bqb = 0.0f;
 #pragma omp simd reduction(+ : bqf, bpa, bqb)
         for (int i = 0; i < len; ++i) {
-          const Terms tm = terms<DIV>(z[i], zr[i], st, c);
+          const DivTerms tm = terms<DIV>(z[i], zr[i], st, c);
           bqf += tm.qf;
           bpa += tm.pa;
           bqb += tm.qb;
@@ -261,7 +183,7 @@ FP_INLINE void fwd_rows(const DivFwdArgs& a, int64_t r0, int64_t r1) {
 
 template <int DIV>
 FP_INLINE void bwd_rows(const DivBwdArgs& a, int64_t r0, int64_t r1) {
-  const Coef c = make_coef(DIV, a.param);
+  const DivCoef c = make_div_coef(DIV, a.param);
   const float scale = 1.0f / a.temperature;
   alignas(64) float z[kChunk];
   alignas(64) float zr[kChunk];
@@ -282,7 +204,7 @@ FP_INLINE void bwd_rows(const DivBwdArgs& a, int64_t r0, int64_t r1) {
       // before either is stored: out_x and out_xr may be x and xr themselves.
 #pragma omp simd
       for (int i = 0; i < len; ++i) {
-        const Terms tm = terms<DIV>(z[i], zr[i], st, c);
+        const DivTerms tm = terms<DIV>(z[i], zr[i], st, c);
         z[i] = g * (tm.pa - tm.p * s_a);
         zr[i] = g * (tm.qb - tm.q * s_b);
       }

@@ -5,8 +5,10 @@ implements the row-kernel contracts of ``fastpref.kernels.reference`` (``row_*``
 ``div_*`` for divergences, ``pair_forward`` for the pairwise preference losses);
 the ops in ``fastpref.ops`` do the chunking, the matmuls and the autograd around it.
 
-``auto``: CUDA tensors -> triton (torch when triton is missing); CPU tensors -> cpu (native C++) when the
-extension is built, else torch. Under ``TRITON_INTERPRET=1`` the triton backend also accepts CPU tensors,
+``auto``: CUDA tensors -> triton (cuda when triton is missing, torch when neither is usable); CPU tensors
+-> cpu (native C++) when the extension is built, else torch. The CUDA C++ kernels (``cuda``) are only picked
+by ``auto`` without triton for now: choosing them per op where they beat triton waits for GPU measurements
+(``benchmarks/gpu_check``). Under ``TRITON_INTERPRET=1`` the triton backend also accepts CPU tensors,
 which is how the test-suite runs the Triton kernels without a GPU; ``auto`` never picks the interpreter.
 """
 from __future__ import annotations
@@ -41,6 +43,23 @@ def _triton_info() -> BackendInfo:
     return BackendInfo(False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in the interpreter)")
 
 
+def _cuda_info() -> BackendInfo:
+    from fastpref import _native
+
+    if _native.cuda_ext is None:
+        return BackendInfo(False, _native.cuda_error)
+    count, why = _native.cuda_ext.device_count()
+    if not torch.cuda.is_available():
+        detail = f"; the CUDA runtime says {why}" if why else ""
+        return BackendInfo(False, f"no CUDA device (fastpref._C_cuda is built, but torch.cuda.is_available() is "
+                                  f"False{detail})")
+    if count == 0:  # e.g. a driver too old for the CUDA runtime the module was built with (torch's may be older)
+        return BackendInfo(False, f"fastpref._C_cuda sees no CUDA device although torch does: {why} "
+                                  f"({_native.cuda_ext.build_info()})")
+    return BackendInfo(True, f"CUDA C++ kernels ({_native.cuda_ext.build_info()}), device: "
+                             f"{torch.cuda.get_device_name()}")
+
+
 def _cpu_info() -> BackendInfo:
     from fastpref import _native
 
@@ -51,7 +70,7 @@ def _cpu_info() -> BackendInfo:
 
 _INFO = {
     "triton": _triton_info,
-    "cuda": lambda: BackendInfo(False, "the CUDA C++ kernels are not part of this release yet; use triton"),
+    "cuda": _cuda_info,
     "cpu": _cpu_info,
     "torch": lambda: BackendInfo(True, "pure PyTorch, any device"),
 }
@@ -69,6 +88,8 @@ def backends() -> dict[str, BackendInfo]:
 _MODULES = {
     ("triton", "logprobs"): "fastpref.kernels.triton.logprobs",
     ("triton", "divergence"): "fastpref.kernels.triton.divergence",
+    ("cuda", "logprobs"): "fastpref.kernels.cuda",
+    ("cuda", "divergence"): "fastpref.kernels.cuda",
     ("cpu", "logprobs"): "fastpref.kernels.cpu",
     ("cpu", "divergence"): "fastpref.kernels.cpu",
     ("torch", "logprobs"): "fastpref.kernels.reference",
@@ -85,7 +106,10 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            return "triton" if _INFO["triton"]().available else "torch"
+            # Per-op choice of cuda where it beats triton: pending GPU measurements (benchmarks/gpu_check).
+            if _INFO["triton"]().available:
+                return "triton"
+            return "cuda" if _INFO["cuda"]().available else "torch"
         if device.type == "cpu" and _INFO["cpu"]().available:
             return "cpu"
         return "torch"
@@ -94,6 +118,8 @@ def resolve(backend: str, device: torch.device) -> str:
         raise RuntimeError(f"backend={backend!r} is not available: {info.reason}")
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
     if backend == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
     return backend

@@ -17,7 +17,7 @@ from conftest import backend_params
 from fastpref.divergences import REGISTRY
 from fastpref.kernels import reference
 
-MODULES = {"cpu": "fastpref.kernels.cpu", "triton": "fastpref.kernels.triton.divergence"}
+MODULES = {"cpu": "fastpref.kernels.cpu", "triton": "fastpref.kernels.triton.divergence", "cuda": "fastpref.kernels.cuda"}
 # Non-default parameters, so a kernel that ignored them would fail.
 DIVS = [("reverse_kl", 0.0), ("forward_kl", 0.0), ("js", 0.3), ("alpha", 0.7), ("tv", 0.0), ("hellinger", 0.0)]
 DIV_IDS = [name for name, _ in DIVS]
@@ -45,7 +45,7 @@ def kern(request):
     """The backend's module (div_forward, div_backward, ...), with ``name`` and the ``device`` it runs on."""
     name = request.param
     module = importlib.import_module(MODULES[name])
-    device = torch.device("cuda" if name == "triton" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if name in ("triton", "cuda") and torch.cuda.is_available() else "cpu")
     return Backend(name, module, device)
 
 
@@ -134,7 +134,7 @@ def check(fwd, outs, want, grad_rtol, atol=ATOL, grad_atol=0.0):
 # variation's, a step in sign(p - q), are then O(grad) wrong. fp16 for the C++ kernel alone too, to keep the
 # interpreter's time down: fp16 logits and gradients reach the Triton kernel in test_layouts_... below.
 @per_backend("dtype,V", [(dt, V) for dt in DTYPES for V in (1, 7, 1000, 70001)],
-             where=lambda backend, dtype, V: backend == "cpu" or (V > 1 and dtype != torch.float16))
+             where=lambda backend, dtype, V: backend in ("cpu", "cuda") or (V > 1 and dtype != torch.float16))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("name,param", DIVS, ids=DIV_IDS)
 def test_matches_float64_and_reference(kern, name, param, dtype, V, temperature):
@@ -274,7 +274,7 @@ def test_extreme_logits(kern, name, param):
 
 
 # 16-bit logits for the C++ kernel alone, to keep the interpreter's time down.
-@per_backend("dtype", DTYPES, where=lambda backend, dtype: backend == "cpu" or dtype == torch.float32)
+@per_backend("dtype", DTYPES, where=lambda backend, dtype: backend in ("cpu", "cuda") or dtype == torch.float32)
 @pytest.mark.parametrize("name,param", DIVS, ids=DIV_IDS)
 def test_identical_rows_give_exact_zeros(kern, name, param, dtype):
     V = 2600 if kern.name == "cpu" else 1300  # each backend's own size
