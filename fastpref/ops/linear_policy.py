@@ -28,9 +28,8 @@ class _LinearPPOFunction(torch.autograd.Function):
         kw = dict(temperature=cfg["temperature"], softcap=cfg["softcap"], ignore_index=cfg["ignore_index"])
         N, V = hidden.shape[0], weight.shape[0]
         rows = _kept_rows(labels, cfg["ignore_index"])
-        h = hidden if rows is None else hidden.index_select(0, rows)
         y = labels if rows is None else labels.index_select(0, rows)
-        n = h.shape[0]
+        n = y.shape[0]
         # Inside forward grad mode is off; the caller's mode (eval: no gradient work) comes in cfg.
         need = [ctx.needs_input_grad[i] and cfg["grad"] for i in range(3)]
         with_entropy = cfg["with_entropy"]
@@ -38,10 +37,12 @@ class _LinearPPOFunction(torch.autograd.Function):
         entropy = torch.zeros_like(logp) if with_entropy else None
         chunk = min(cfg["chunk_size"] or auto_chunk_size(max(n, 1), V, hidden), max(n, 1))
         buf, gbuf = chunk_buffers(chunk, V, hidden)
-        grads = HeadGrads(h, weight, bias, need)
+        grads = HeadGrads(hidden, weight, bias, need, rows=rows)
+        hbuf = None if rows is None else hidden.new_empty(chunk, hidden.shape[1])
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            hc = grads.gather(s, e, hbuf)
+            z = _chunk_logits(hc, weight, bias, buf[: e - s])
             lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
             idx = slice(s, e) if rows is None else rows[s:e]
             logp[idx] = lp
@@ -52,7 +53,7 @@ class _LinearPPOFunction(torch.autograd.Function):
                                         cfg)
                 g = gbuf[: e - s]
                 ops.row_backward(z, y[s:e], ls, en if gen is not None else None, glp, gen, g, **kw)
-                grads.add(g, s, e)
+                grads.add(g, s, e, hc)
         args = cfg["loss_args"]
         shape = args["mask"].shape
         ent2d = None if entropy is None else entropy.view(shape)

@@ -162,28 +162,50 @@ def chunk_buffers(rows, V, hidden):
     return buf, buf if buf.dtype == hidden.dtype else torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
 
 
+def gather_rows(hidden, rows, s, e, out):
+    """Rows [s, e) of ``hidden`` (rows None) or of ``hidden[rows]``, gathered into ``out`` [>= e - s, H]: a
+    chunk of the kept tokens without a copy of all of them."""
+    if rows is None:
+        return hidden[s:e]
+    return torch.index_select(hidden, 0, rows[s:e], out=out[: e - s])
+
+
 class HeadGrads:
     """Gradients of a linear head's input rows ``h``, weight and bias, accumulated chunk by chunk from the
-    gradient of the chunk's logits; weight and bias in fp32. ``need`` = (hidden, weight, bias)."""
+    gradient of the chunk's logits; weight and bias in fp32. ``need`` = (hidden, weight, bias).
 
-    def __init__(self, h, weight, bias, need):
-        self.h, self.weight, self.bias = h, weight, bias
-        self.gh = torch.empty_like(h) if need[0] else None
+    ``rows`` (optional): chunk [s, e) covers ``h[rows[s:e]]``, gathered chunk by chunk (``gather``) instead
+    of a compact copy of every kept row, and the hidden gradient goes straight into its [N, H] result:
+    two [kept, H] buffers fewer."""
+
+    def __init__(self, h, weight, bias, need, rows=None):
+        self.h, self.weight, self.bias, self.rows = h, weight, bias, rows
+        self.gh = None if not need[0] else torch.empty_like(h) if rows is None else torch.zeros_like(h)
         self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
 
-    def add(self, g, s, e):
+    def gather(self, s, e, out):
+        """The input rows of chunk [s, e): a view, or with ``rows`` gathered into ``out``."""
+        return gather_rows(self.h, self.rows, s, e, out)
+
+    def add(self, g, s, e, hc=None):
+        """Adds chunk [s, e)'s logit gradient ``g``; ``hc`` its input rows when they were gathered."""
+        hc = self.h[s:e] if hc is None else hc
         if self.gh is not None:
-            torch.mm(g, self.weight, out=self.gh[s:e])
+            if self.rows is None:
+                torch.mm(g, self.weight, out=self.gh[s:e])
+            else:
+                self.gh.index_copy_(0, self.rows[s:e], g @ self.weight)
         if self.gw is not None:
-            _accumulate_fp32(self.gw, g.t(), self.h[s:e])
+            _accumulate_fp32(self.gw, g.t(), hc)
         if self.gb is not None:
             self.gb += g.sum(0, dtype=torch.float32)
 
     def result(self, hidden, rows):
-        """(grad hidden, grad weight, grad bias); ``h`` was ``hidden[rows]`` (rows None: all of it, in order)."""
+        """(grad hidden, grad weight, grad bias); ``h`` was ``hidden[rows]`` (rows None: all of it, in order,
+        or the rows were gathered)."""
         gh = self.gh
-        if gh is not None and rows is not None:
+        if gh is not None and rows is not None and self.rows is None:
             gh = torch.zeros_like(hidden).index_copy_(0, rows, gh)
         return (gh, None if self.gw is None else self.gw.to(self.weight.dtype),
                 None if self.gb is None else self.gb.to(self.bias.dtype))
@@ -207,15 +229,17 @@ class LinearLogprobsFunction(torch.autograd.Function):
         kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
         N, V = hidden.shape[0], weight.shape[0]
         rows = _kept_rows(labels, ignore_index)
-        h, y = _select(hidden, labels, rows)
-        chunk = chunk_size or auto_chunk_size(h.shape[0], V, hidden)
+        y = labels if rows is None else labels.index_select(0, rows)
+        n = y.shape[0]
+        chunk = chunk_size or auto_chunk_size(n, V, hidden)
         logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
         lse = torch.zeros_like(logp)
         entropy = torch.zeros_like(logp) if with_entropy else None
-        buf = torch.empty(min(chunk, h.shape[0]), V, dtype=_logits_dtype(hidden), device=hidden.device)
-        for s in range(0, h.shape[0], chunk):
-            e = min(s + chunk, h.shape[0])
-            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+        buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
+        hbuf = None if rows is None else hidden.new_empty(min(chunk, n), hidden.shape[1])
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _chunk_logits(gather_rows(hidden, rows, s, e, hbuf), weight, bias, buf[: e - s])
             lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
             idx = rows[s:e] if rows is not None else slice(s, e)
             logp[idx], lse[idx] = lp, ls
@@ -232,23 +256,25 @@ class LinearLogprobsFunction(torch.autograd.Function):
         ops = _backends.row_kernels(ctx.backend, "logprobs")
         V = weight.shape[0]
         rows = _kept_rows(labels, ctx.kw["ignore_index"])
-        h, y = _select(hidden, labels, rows)
         pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t.index_select(0, rows))
+        y = pick(labels)
         gl, gh = pick(_f32(grad_logp)), pick(_f32(grad_entropy))
         lse = pick(lse)
         ent = pick(entropy) if gh is not None else None
 
-        grads = HeadGrads(h, weight, bias, ctx.needs_input_grad[:3])
-        n = h.shape[0]
+        grads = HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3], rows=rows)
+        n = y.shape[0]
         chunk = min(ctx.chunk, max(n, 1))
         buf, gbuf = chunk_buffers(chunk, V, hidden)
+        hbuf = None if rows is None else hidden.new_empty(chunk, hidden.shape[1])
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            hc = grads.gather(s, e, hbuf)
+            z = _chunk_logits(hc, weight, bias, buf[: e - s])
             g = gbuf[: e - s]
             ops.row_backward(z, y[s:e], lse[s:e], None if ent is None else ent[s:e],
                              None if gl is None else gl[s:e], None if gh is None else gh[s:e], g, **ctx.kw)
-            grads.add(g, s, e)
+            grads.add(g, s, e, hc)
         return (*grads.result(hidden, rows),
                 None, None, None, None, None, None, None)
 
@@ -262,12 +288,6 @@ def _kept_rows(labels, ignore_index):
     if bool(keep.all()):
         return None
     return keep.nonzero().squeeze(1)
-
-
-def _select(hidden, labels, rows):
-    if rows is None:
-        return hidden, labels
-    return hidden.index_select(0, rows), labels.index_select(0, rows)
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
