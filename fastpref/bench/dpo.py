@@ -72,7 +72,7 @@ SUITE = Suite(
     floor_doc="K = 2 pairs (T - T/4) completion tokens (prompt tokens are -100); forward: the policy and "
               "reference logits GEMMs, 2 x 2 K H V FLOPs; forward+backward adds grad_hidden and grad_weight: "
               "4 x 2 K H V",
-    work=_work, x_label="tokens 2 pairs T", x=lambda s: 2 * s["pairs"] * s["T"])
+    work=_work, x_label="tokens (2 x pairs x T)", x=lambda s: 2 * s["pairs"] * s["T"])
 
 
 def legacy_variants(device, quick):

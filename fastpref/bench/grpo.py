@@ -86,7 +86,7 @@ SUITE = Suite(
     floor_doc="K = the completion tokens (mask.sum(), counted in the case; about B x 3T/4); forward: "
               "the policy and reference logits GEMMs, 2 x 2 K H V FLOPs; forward+backward adds grad_hidden and "
               "grad_weight: 4 x 2 K H V (the entropy and the old log-probs need no further GEMM)",
-    work=_work, x_label="tokens B T", x=lambda s: s["B"] * s["T"])
+    work=_work, x_label="tokens (B x T)", x=lambda s: s["B"] * s["T"])
 
 
 def legacy_variants(device, quick):
