@@ -12,7 +12,6 @@ import fastpref
 from fastpref.bench import OPS, Impl
 from fastpref.bench.suite import SCHEMA, peer_status
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +20,9 @@ def tiny_run(tmp_path_factory):
     look absent), Liger-Kernel (GPU-only: "needs CUDA" on CPU) and the fastpref cpu backend."""
     pytest.importorskip("matplotlib")
     out = tmp_path_factory.mktemp("bench")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The fastpref this test imported (installed or the source tree), so both sides see the same backends.
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastpref.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
     cmd = [sys.executable, "-m", "fastpref", "bench", "--tiny", "--device", "cpu", "--ops", "logprobs",
            "--impls", "eager", "cce", "liger", "cpu", "--pretend-missing", "cut_cross_entropy", "--out", str(out)]
