@@ -15,7 +15,8 @@ from fastpref._validate import check_float, check_labels, check_positive, check_
 from fastpref.ops.divergence import linear_token_divergence
 from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, auto_chunk_size, chunk_buffers,
                                    linear_logprobs, scale_head_grads)
-from fastpref.ops.policy import PolicyOutput, aggregation_weights, check_policy_args, ppo_loss, token_loss
+from fastpref.ops.policy import (PolicyOutput, aggregation_weights, check_policy_args, masked_fp32, ppo_loss,
+                                 token_loss)
 
 
 class _LinearPPOFunction(torch.autograd.Function):
@@ -172,7 +173,7 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
         return res
 
     w = aggregation_weights(mask, loss_agg, num_items)
-    flat = (lambda t: None if t is None else torch.where(mask, t.float(), 0.0).reshape(-1))
+    flat = (lambda t: None if t is None else masked_fp32(t, mask).reshape(-1))
     per_token = dict(old_logp=flat(old_logp), adv=flat(adv), ref_logp=flat(ref_logp), w=w.reshape(-1))
     # The loss value and metrics come from ppo_loss itself on the computed log-probs; a full-vocabulary
     # penalty joins them (for its metric) detached and with no coefficient, and is added below with its own

@@ -41,10 +41,9 @@ def _pair_order(labels, ignore_index):
     return order, seq, torch.cumsum(per_pair, 0), keep.sum(1)
 
 
-def _chunks(pair_end, chunk, align):
+def _chunks(ends, chunk, align):
     """Token ranges [s, e) of at most ``chunk`` tokens; with ``align``, ranges end on pair boundaries
-    (every pair must then fit in a chunk)."""
-    ends = pair_end.tolist()
+    ``ends`` (the cumulative token count at each pair's end; every pair must then fit in a chunk)."""
     total = ends[-1] if ends else 0
     if not align:
         return [(s, min(s + chunk, total)) for s in range(0, total, chunk)]
@@ -114,13 +113,15 @@ class _LinearDPOFunction(torch.autograd.Function):
         need = [ctx.needs_input_grad[i] and cfg["grad"] for i in range(3)]
         need_any = any(need)
         decomposable = cfg["loss_type"] not in _COUPLED
-        chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, pair_end, decomposable and need_any)
-        largest = int(torch.diff(pair_end, prepend=pair_end.new_zeros(1)).max()) if B else 0
+        ends = pair_end.tolist()
+        starts = [0] + ends[:-1]
+        largest = max((e - s for s, e in zip(starts, ends)), default=0)
+        chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, largest, decomposable and need_any)
         aligned = largest <= chunk
         # One pass (gradients in the forward) when the pairs decompose and either every pair fits in a chunk
         # or the open pair's deferred weight gradients (2 x [V, H] fp32) cost at most 4 chunk buffers.
         one_pass = need_any and decomposable and (aligned or not need[1] or 2 * hidden.shape[-1] <= 4 * chunk)
-        plan = _chunks(pair_end, chunk, aligned and decomposable)
+        plan = _chunks(ends, chunk, aligned and decomposable)
         kw = dict(temperature=1.0, softcap=0.0, ignore_index=cfg["ignore_index"])
 
         chosen_tokens = lengths[:B].sum().clamp(min=1)
@@ -128,8 +129,6 @@ class _LinearDPOFunction(torch.autograd.Function):
         lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
         grads = HeadGrads(h, weight, bias, need)
         buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
-        ends = pair_end.tolist()
-        starts = [0] + ends[:-1]
         chosen_len = lengths[:B].tolist()
         deferred = _DeferredPair(grads) if one_pass and not aligned else None
         done = 0  # pairs whose coefficients are applied
@@ -159,7 +158,8 @@ class _LinearDPOFunction(torch.autograd.Function):
                 deferred.settle(s, c[seq[deferred.start:s]], c[p], c[p + B])
             grads.add(g[: open_from - s], s, open_from)
             if open_from < e:
-                deferred.add(g[open_from - s:], open_from, e, min(e, max(open_from, starts[complete] + chosen_len[complete])))
+                chosen_end = starts[complete] + chosen_len[complete]  # the open pair's rejected rows start here
+                deferred.add(g[open_from - s:], open_from, e, min(e, max(open_from, chosen_end)))
             done = complete
         if need_any and not one_pass:
             coef = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, None)
@@ -180,14 +180,13 @@ class _LinearDPOFunction(torch.autograd.Function):
         return (*scale_head_grads(grad_loss, ctx.saved_tensors), None, None, None)
 
 
-def _auto_chunk(n, V, hidden, pair_end, one_pass_possible):
-    """The log-prob chunk budget, stretched up to 4x so that the largest pair fits in one chunk when that
-    lets the gradients be computed in the forward: one matmul in four saved for a bounded buffer."""
+def _auto_chunk(n, V, hidden, largest, one_pass_possible):
+    """The log-prob chunk budget, stretched up to 4x so that the largest pair (``largest`` tokens) fits in
+    one chunk when that lets the gradients be computed in the forward: one matmul in four saved for a
+    bounded buffer."""
     base = auto_chunk_size(max(n, 1), V, hidden)
-    if one_pass_possible and pair_end.numel():
-        largest = int(torch.diff(pair_end, prepend=pair_end.new_zeros(1)).max())
-        if base < largest <= 4 * base:
-            return largest
+    if one_pass_possible and base < largest <= 4 * base:
+        return largest
     return base
 
 
@@ -251,8 +250,9 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     ``chunk_size`` (tokens per chunk) defaults to the log-prob budget (``auto_chunk_size``), stretched up to
     4x when that makes the largest pair fit, so that the gradients come out of the forward pass (3 matmuls
     per token, not 4); larger pairs defer the gradients of the pair open at a chunk's end (module
-    docstring), or, when H > 2 x chunk_size, take two passes. Returns a PreferenceOutput whose metrics also hold the per-sequence
-    ``chosen_logps`` and ``rejected_logps`` [B]. Without grad (eval) no gradient work is done.
+    docstring), or, when H > 2 x chunk_size, take two passes. Returns a PreferenceOutput whose metrics also
+    hold the per-sequence ``chosen_logps`` and ``rejected_logps`` [B]. Without grad (eval) no gradient work
+    is done.
     """
     check_float("hidden", hidden, dim=3)
     check_float("weight", weight, dim=2)

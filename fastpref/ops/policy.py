@@ -151,7 +151,7 @@ def token_loss(logp, old_logp, adv, cfg, *, ref_logp=None, kl=None, entropy=None
     return loss, pieces
 
 
-def _finite(t, mask):
+def masked_fp32(t, mask):
     """fp32 copy with masked positions zeroed, so padding garbage (inf, NaN) never reaches a product."""
     return None if t is None else torch.where(mask, t.float(), 0.0)
 
@@ -205,7 +205,8 @@ def ppo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, 
     ``ratio/min``, ``ratio/max``, ``kl``, ``entropy`` (token means; the last two when given).
     """
     if not isinstance(logp, torch.Tensor) or not logp.dtype.is_floating_point:
-        raise TypeError(f"logp must be a floating-point torch.Tensor, got {getattr(logp, 'dtype', type(logp).__name__)}")
+        raise TypeError(f"logp must be a floating-point torch.Tensor, got "
+                        f"{getattr(logp, 'dtype', type(logp).__name__)}")
     mask, adv = check_policy_args(
         logp.shape, logp.device, old_logp=old_logp, advantages=advantages, mask=mask, ref_logp=ref_logp, kl=kl,
         entropy=entropy, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
@@ -213,11 +214,11 @@ def ppo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, 
         importance=importance)
     cfg = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
                kl_estimator=kl_estimator, entropy_coef=entropy_coef)
-    lp = _finite(logp, mask)
-    old = lp.detach() if old_logp is None else _finite(old_logp, mask)
+    lp = masked_fp32(logp, mask)
+    old = lp.detach() if old_logp is None else masked_fp32(old_logp, mask)
     seq = sequence_log_ratio(lp, old, mask) if importance == "sequence" else None
-    per_token, pieces = token_loss(lp, old, _finite(adv, mask), cfg, ref_logp=_finite(ref_logp, mask),
-                                   kl=_finite(kl, mask), entropy=_finite(entropy, mask), seq_log_ratio=seq)
+    per_token, pieces = token_loss(lp, old, masked_fp32(adv, mask), cfg, ref_logp=masked_fp32(ref_logp, mask),
+                                   kl=masked_fp32(kl, mask), entropy=masked_fp32(entropy, mask), seq_log_ratio=seq)
     w = aggregation_weights(mask, loss_agg, num_items)
     return PolicyOutput((w * per_token).sum(), policy_metrics(pieces, mask))
 
@@ -240,12 +241,12 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, loss_agg="token-m
         raise ValueError(f"unknown loss_agg {loss_agg!r}; valid: {', '.join(LOSS_AGGS)}")
     _check_number("num_items", num_items, allow_none=True)
     mask = mask.bool()
-    v, ret = _finite(values, mask), _finite(returns, mask)
+    v, ret = masked_fp32(values, mask), masked_fp32(returns, mask)
     loss = (v - ret) ** 2
     clipfrac = torch.zeros((), device=v.device)
     m = mask.float()
     if clip is not None:
-        old = _finite(old_values, mask)
+        old = masked_fp32(old_values, mask)
         clipped = (old + (v - old).clamp(-clip, clip) - ret) ** 2
         clipfrac = ((clipped > loss).float() * m).sum() / m.sum().clamp(min=1)
         loss = torch.maximum(loss, clipped)
