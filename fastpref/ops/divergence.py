@@ -9,7 +9,8 @@ import torch
 
 from fastpref import _backends, divergences
 from fastpref._validate import check_float, check_labels, check_positive, check_same_device
-from fastpref.ops.logprobs import HeadGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, chunk_buffers
+from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, chunk_buffers,
+                                   gather_rows, row_buffer)
 
 
 class TokenDivergenceFunction(torch.autograd.Function):
@@ -93,17 +94,16 @@ class LinearTokenDivergenceFunction(torch.autograd.Function):
         ops = _backends.row_kernels(backend, "divergence")
         N, V = hidden.shape[0], weight.shape[0]
         rows = None if labels is None else _kept_rows(labels, kw["ignore_index"])
-        sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        h, hr = sel(hidden), sel(ref_hidden)
-        n = h.shape[0]
+        n = N if rows is None else rows.shape[0]
         chunk = chunk_size or max(1, auto_chunk_size(n, 2 * V, hidden))
         outs = [torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(5)]
         buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
         rbuf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(ref_hidden), device=hidden.device)
+        hbufs = [row_buffer(rows, min(chunk, n), h) for h in (hidden, ref_hidden)]
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
-            zr = _chunk_logits(hr[s:e], ref_weight, ref_bias, rbuf[: e - s])
+            z = _chunk_logits(gather_rows(hidden, rows, s, e, hbufs[0]), weight, bias, buf[: e - s])
+            zr = _chunk_logits(gather_rows(ref_hidden, rows, s, e, hbufs[1]), ref_weight, ref_bias, rbuf[: e - s])
             res = ops.div_forward(z, zr, None, **kw)
             idx = rows[s:e] if rows is not None else slice(s, e)
             for out, r in zip(outs, res):
@@ -120,25 +120,26 @@ class LinearTokenDivergenceFunction(torch.autograd.Function):
         V = weight.shape[0]
         rows = None if labels is None else _kept_rows(labels, ctx.kw["ignore_index"])
         sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        h, hr = sel(hidden), sel(ref_hidden)
         g_all, lse, lse_r, s_a, s_b = (sel(t) for t in (grad.float().contiguous(), lse, lse_r, s_a, s_b))
-        n = h.shape[0]
+        n = lse.shape[0]
         chunk = min(ctx.chunk, max(n, 1))
+        hbufs = [row_buffer(rows, chunk, h) for h in (hidden, ref_hidden)]
         sides = []  # (HeadGrads or None for a frozen head, logits buffer, gradient buffer or None)
-        for hh, w, b, need in ((h, weight, bias, needs[0:3]), (hr, ref_weight, ref_bias, needs[3:6])):
+        for hh, w, b, need in ((hidden, weight, bias, needs[0:3]), (ref_hidden, ref_weight, ref_bias, needs[3:6])):
             if any(need):
-                sides.append((HeadGrads(hh, w, b, need), *chunk_buffers(chunk, V, hh)))
+                sides.append((HeadGrads(hh, w, b, need, rows=rows), *chunk_buffers(chunk, V, hh)))
             else:
                 sides.append((None, torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device), None))
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            z = _chunk_logits(h[s:e], weight, bias, sides[0][1][: e - s])
-            zr = _chunk_logits(hr[s:e], ref_weight, ref_bias, sides[1][1][: e - s])
+            hc = [gather_rows(hh, rows, s, e, hb) for hh, hb in zip((hidden, ref_hidden), hbufs)]
+            z = _chunk_logits(hc[0], weight, bias, sides[0][1][: e - s])
+            zr = _chunk_logits(hc[1], ref_weight, ref_bias, sides[1][1][: e - s])
             outs = [None if gbuf is None else gbuf[: e - s] for _, _, gbuf in sides]
             ops.div_backward(z, zr, None, lse[s:e], lse_r[s:e], s_a[s:e], s_b[s:e], g_all[s:e], *outs, **ctx.kw)
-            for (grads, _, _), g in zip(sides, outs):
+            for (grads, _, _), g, x in zip(sides, outs, hc):
                 if grads is not None:
-                    grads.add(g, s, e)
+                    grads.add(g, s, e, x)
         result = []
         for (grads, _, _), full_h in zip(sides, (hidden, ref_hidden)):
             result += grads.result(full_h, rows) if grads is not None else (None, None, None)

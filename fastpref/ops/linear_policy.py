@@ -14,7 +14,7 @@ from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_positive, check_same_device
 from fastpref.ops.divergence import linear_token_divergence
 from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, auto_chunk_size, chunk_buffers,
-                                   linear_logprobs, scale_head_grads)
+                                   linear_logprobs, row_buffer, scale_head_grads)
 from fastpref.ops.policy import (PolicyOutput, aggregation_weights, check_policy_args, masked_fp32, ppo_loss,
                                  token_loss)
 
@@ -39,7 +39,7 @@ class _LinearPPOFunction(torch.autograd.Function):
         chunk = min(cfg["chunk_size"] or auto_chunk_size(max(n, 1), V, hidden), max(n, 1))
         buf, gbuf = chunk_buffers(chunk, V, hidden)
         grads = HeadGrads(hidden, weight, bias, need, rows=rows)
-        hbuf = None if rows is None else hidden.new_empty(chunk, hidden.shape[1])
+        hbuf = row_buffer(rows, chunk, hidden)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             hc = grads.gather(s, e, hbuf)

@@ -162,6 +162,12 @@ def chunk_buffers(rows, V, hidden):
     return buf, buf if buf.dtype == hidden.dtype else torch.empty(rows, V, dtype=hidden.dtype, device=hidden.device)
 
 
+def row_buffer(rows, chunk, hidden):
+    """The buffer ``gather_rows`` fills with a chunk of ``hidden``'s kept rows (None when no row is dropped:
+    chunks are then views)."""
+    return None if rows is None else hidden.new_empty(chunk, hidden.shape[1])
+
+
 def gather_rows(hidden, rows, s, e, out):
     """Rows [s, e) of ``hidden`` (rows None) or of ``hidden[rows]``, gathered into ``out`` [>= e - s, H]: a
     chunk of the kept tokens without a copy of all of them."""
@@ -236,7 +242,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         lse = torch.zeros_like(logp)
         entropy = torch.zeros_like(logp) if with_entropy else None
         buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
-        hbuf = None if rows is None else hidden.new_empty(min(chunk, n), hidden.shape[1])
+        hbuf = row_buffer(rows, min(chunk, n), hidden)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             z = _chunk_logits(gather_rows(hidden, rows, s, e, hbuf), weight, bias, buf[: e - s])
@@ -266,7 +272,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         n = y.shape[0]
         chunk = min(ctx.chunk, max(n, 1))
         buf, gbuf = chunk_buffers(chunk, V, hidden)
-        hbuf = None if rows is None else hidden.new_empty(chunk, hidden.shape[1])
+        hbuf = row_buffer(rows, chunk, hidden)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             hc = grads.gather(s, e, hbuf)
