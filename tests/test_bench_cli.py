@@ -24,9 +24,17 @@ def tiny_run(tmp_path_factory):
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(fastpref.__file__)))
     env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "fastpref", "bench", "--tiny", "--device", "cpu", "--ops", "logprobs",
+    # Run from a folder holding a decoy fastpref, as `fastpref bench` is run from a source checkout after a
+    # pip install: the measuring processes must import the parent's fastpref, not the one in the folder.
+    # The parent starts like the console script, from a script elsewhere (so not from the folder itself).
+    decoy = tmp_path_factory.mktemp("checkout")
+    (decoy / "fastpref").mkdir()
+    (decoy / "fastpref" / "__init__.py").write_text("DECOY = True  # importable: a fork server would keep it\n")
+    script = tmp_path_factory.mktemp("bin") / "fastpref_bench.py"
+    script.write_text("import sys\nfrom fastpref.cli import main\nif __name__ == '__main__':\n    sys.exit(main())\n")
+    cmd = [sys.executable, str(script), "bench", "--tiny", "--device", "cpu", "--ops", "logprobs",
            "--impls", "eager", "cce", "liger", "cpu", "--pretend-missing", "cut_cross_entropy", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=str(out), env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(cmd, cwd=str(decoy), env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with open(out / "results.json") as f:
         return out, json.load(f), proc.stdout

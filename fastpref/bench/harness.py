@@ -132,6 +132,20 @@ def _context():
             ctx.set_forkserver_preload(PRELOAD)
         except ValueError:  # no fork server on this platform
             ctx = mp.get_context("spawn")
+        else:
+            # The server imports PRELOAD with its working directory first on sys.path (Python 3.11 ignores the
+            # parent's sys.path there), and its children keep those modules: run from a source checkout, an
+            # installed fastpref would be measured as the checkout's. Start it where this fastpref lives.
+            import multiprocessing.forkserver
+
+            import fastpref
+
+            cwd = os.getcwd()
+            os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(fastpref.__file__))))
+            try:
+                multiprocessing.forkserver.ensure_running()
+            finally:
+                os.chdir(cwd)
         _CONTEXT.append(ctx)
     return _CONTEXT[0]
 
