@@ -32,6 +32,35 @@ def _seed():
     torch.manual_seed(0)
 
 
+GPU_BACKENDS = ("triton", "cuda")
+
+
+@pytest.fixture(autouse=True)
+def _gpu_default_device(request):
+    """On a CUDA machine the triton and cuda backends take CUDA tensors only, while the tests build their inputs
+    with plain ``torch.randn``: for a test parametrized with such a ``backend``, or in a module that sets
+    ``GPU_TESTS = True`` (it runs one of those backends throughout), CUDA is the default device. Modules that
+    place their tensors themselves set ``EXPLICIT_DEVICES = True``. Without CUDA nothing changes: the Triton
+    kernels run in the interpreter on CPU tensors."""
+    module = request.module
+    callspec = getattr(request.node, "callspec", None)
+    backend = callspec.params.get("backend") if callspec else None
+    wants_gpu = backend in GPU_BACKENDS or getattr(module, "GPU_TESTS", False)
+    if not torch.cuda.is_available() or not wants_gpu or getattr(module, "EXPLICIT_DEVICES", False):
+        yield
+        return
+    torch.set_default_device("cuda")
+    try:
+        yield
+    finally:
+        torch.set_default_device(None)
+
+
+def generator(seed):
+    """A seeded generator on the default device (``torch.randn(..., generator=g)`` needs them to agree)."""
+    return torch.Generator(device=torch.get_default_device()).manual_seed(seed)
+
+
 class CountMatmuls(TorchDispatchMode):
     """Counts the matmuls (mm, addmm) run inside it, and their multiply-adds (m x k x n): how the fused-linear
     tests see a recompute."""

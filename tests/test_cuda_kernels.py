@@ -24,6 +24,7 @@ from fastpref.divergences import REGISTRY
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc").glob("*_cuda.cu"))
 ARCHS = ("80", "90a")
+EXPLICIT_DEVICES = True  # tensors go to the GPU through _cuda() (conftest)
 
 
 def _nvcc():
@@ -323,14 +324,23 @@ def test_divergence_kernels_match_the_cpu_twin(V, pad, name, param):
     cuda.div_backward(x, xr, labels, *got[1:], grad, *outs, **kw)
     refs = [torch.empty(n, V, dtype=o.dtype) for o in outs]
     cpu.div_backward(x.cpu(), xr.cpu(), labels.cpu(), *want[1:], grad.cpu(), *refs, **kw)
+    # CUDA's expf/logf and the CPU's polynomials differ by an ulp or two, and the gradients of the two-pass
+    # divergences (alpha, hellinger) cancel: up to ~4e-5 apart in norm on an H200. Each side is held to 1e-5
+    # against float64 in test_divergence_kernels.py.
     for what, a, b in zip(("grad_x", "grad_xr"), outs, refs):
-        _assert_close(a, b, 1e-2 if a.dtype == torch.bfloat16 else 1e-5, what)
+        _assert_close(a, b, 1e-2 if a.dtype == torch.bfloat16 else 1e-4, what)
         assert (a[2] == 0).all() and (a[:, :5] == 0).all()
     x_copy, xr_copy = x.clone(), xr.clone()
     cuda.div_backward(x, xr, labels, *got[1:], grad, x, xr, **kw)
     expect = [torch.empty_like(x_copy), torch.empty_like(xr_copy)]
     cuda.div_backward(x_copy, xr_copy, labels, *got[1:], grad, *expect, **kw)
-    assert torch.equal(x, expect[0]) and torch.equal(xr, expect[1])
+    # Bit for bit only where both calls take the same path: misaligned rows written in place take the scalar
+    # one, the fresh aligned outputs the vector one, and nvcc contracts the two differently.
+    for what, a, b in zip(("in-place grad_x", "in-place grad_xr"), (x, xr), expect):
+        if pad:
+            _assert_close(a, b, 1e-2 if a.dtype == torch.bfloat16 else 1e-6, what)
+        else:
+            assert torch.equal(a, b), what
 
 
 @needs_gpu

@@ -72,8 +72,12 @@ def test_linear_errors(labels):
 def test_backend_errors(logits, labels, monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         fastpref.token_logprobs(logits, labels, backend="cudnn")
-    with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
-        fastpref.token_logprobs(logits, labels, backend="cuda")
+    if not fastpref.backends()["cuda"].available:
+        with pytest.raises(RuntimeError, match="backend='cuda' is not available"):
+            fastpref.token_logprobs(logits, labels, backend="cuda")
+    else:
+        with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+            fastpref.token_logprobs(logits, labels, backend="cuda")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="backend='triton' is not available: no CUDA device"):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastpref
-from conftest import CountMatmuls, backend_params
+from conftest import CountMatmuls, backend_params, generator
 from oracle import divergence_f64, logprobs_f64
 from test_logprobs import close
 
@@ -12,7 +12,7 @@ B, T, H, V = 3, 7, 8, 211
 
 
 def make(seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     hidden = torch.randn(B, T, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
     bias = (torch.randn(V, generator=g) * 0.1).to(dtype)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import fastpref
-from conftest import CountMatmuls, backend_params
+from conftest import CountMatmuls, backend_params, generator
 from oracle import logprobs_f64
 from test_logprobs import close
 
@@ -11,7 +11,7 @@ B, T, H, V = 3, 7, 8, 211
 
 
 def make(seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     hidden = torch.randn(2 * B, T, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
     bias = (torch.randn(V, generator=g) * 0.1).to(dtype)
@@ -130,13 +130,12 @@ def test_eval_mode_does_no_gradient_work():
     assert count == 1 and out.loss.grad_fn is None
 
 
-def test_triton_fp32_matches_cpu_one_pass():
-    if not fastpref.backends()["triton"].available:
-        pytest.skip(fastpref.backends()["triton"].reason)
+@pytest.mark.parametrize("backend", backend_params("triton"))  # CUDA tensors on a GPU (conftest)
+def test_triton_fp32_matches_torch_one_pass(backend):
     hidden, weight, bias, labels, ref = make()
     a, b = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
     kw = dict(ref_chosen_logps=ref[0], ref_rejected_logps=ref[1], bias=bias)
-    fastpref.linear_dpo_loss(a, weight, labels, backend="triton", **kw).loss.backward()
+    fastpref.linear_dpo_loss(a, weight, labels, backend=backend, **kw).loss.backward()
     fastpref.linear_dpo_loss(b, weight, labels, backend="torch", **kw).loss.backward()
     close(a.grad, b.grad, 1e-5, "triton vs torch")
 

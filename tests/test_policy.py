@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastpref
+from conftest import generator
 from fastpref.nn import PPOLoss, ValueLoss
 
 
@@ -64,7 +65,7 @@ def ppo_f64(lp, old, adv, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
 
 
 def make(B=4, T=9, seed=0, adv_2d=False):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
     old = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # ratios spread across both clips
     ref = lp + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5
@@ -231,7 +232,7 @@ def test_generator_penalty(name, param):
 
 
 def test_value_loss():
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     v, old, ret = (torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3))
     mask = torch.rand(3, 5, generator=g) > 0.3
     a = v.clone().requires_grad_()

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastpref
+from conftest import generator
 from fastpref.ops.preference import LOSS_TYPES, RATIO_TYPES, REFERENCE_FREE, SCORE_TYPES
 from test_logprobs import close
 
@@ -67,7 +68,7 @@ def oracle(loss_type, w, l, rw_, rl_, lw, ll, beta, eps, divergence="reverse_kl"
 
 
 def inputs(B=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     lens_w = torch.randint(3, 40, (B,), generator=g)
     lens_l = torch.randint(3, 40, (B,), generator=g)
     w = -lens_w * (0.5 + torch.rand(B, generator=g))

@@ -113,7 +113,10 @@ def _times(a, b):
 @triton.jit
 def _score(rho, g0, g1, DIV: tl.constexpr):
     """(g(rho), g'(rho)): the f-DPO score of ``fastpref.divergences`` and its derivative. g0, g1 are
-    ``_coefficients()``'s: js log(b / (1 - b)); alpha a - 1 and 1 / (a - 1)."""
+    ``_coefficients()``'s: js log(b / (1 - b)); alpha a - 1 and 1 / (a - 1). For alpha the score comes back
+    without its factor g1 (= g'(rho) then): the caller scales the difference of two scores, because
+    g1 * e_w - g1 * e_l compiles to an FMA on a GPU that leaves the rounding error of g1 * e_l, as large as
+    1e11 for scores of 1e18, where equal log-ratios must give exactly 0."""
     if DIV == DIV_REVERSE_KL:
         s = rho
         ds = tl.full(rho.shape, 1.0, tl.float32)
@@ -125,7 +128,7 @@ def _score(rho, g0, g1, DIV: tl.constexpr):
     else:
         tl.static_assert(DIV == DIV_ALPHA)
         ds = tl.exp(g0 * rho)
-        s = ds * g1
+        s = ds
     return s, ds
 
 
@@ -220,7 +223,10 @@ def _pairwise_kernel(
         scale = beta
         if (LOSS == IPO) or (LOSS == BT):
             scale = 1.0
-        z = scale * (s_w - s_l)
+        score_scale = scale
+        if DIV == DIV_ALPHA:
+            score_scale = scale * g1
+        z = score_scale * (s_w - s_l)
         if HAS_MARGIN:
             z -= tl.load(margin_ptr + offs, mask=mask, other=0.0)
         else:
