@@ -119,17 +119,27 @@ def _time_and_memory(make_case, kwargs, device, reps, fwd_reps=0):
     return result
 
 
-_CONTEXT = []
-PRELOAD = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "fastpref", "fastpref.bench.harness"]
+_CONTEXT = {}
+PRELOAD = ["torch", "fastpref", "fastpref.bench.harness"]
+# torch.compile's modules too where they are safe to import before forking: on a CUDA machine importing them
+# may initialize CUDA, and a process forked after that cannot use the GPU.
+PRELOAD_CPU = PRELOAD + ["torch._dynamo", "torch._inductor.compile_fx"]
 
 
-def _context():
-    """A fork server that imported torch (and torch.compile's modules) and fastpref once and has run nothing:
-    each measurement is a fresh process forked from it, without paying the imports again."""
-    if not _CONTEXT:
+def _fork_can_use_cuda(queue):
+    import torch
+
+    queue.put(not torch.cuda._is_in_bad_fork())
+
+
+def _context(device: str = "cpu"):
+    """A fork server that imported torch and fastpref once (and torch.compile's modules on CPU) and has run
+    nothing: each measurement is a fresh process forked from it, without paying the imports again. On CUDA a
+    forked child is probed first: should a preloaded module have initialized CUDA, processes are spawned."""
+    if device not in _CONTEXT:
         try:
             ctx = mp.get_context("forkserver")
-            ctx.set_forkserver_preload(PRELOAD)
+            ctx.set_forkserver_preload(PRELOAD if device == "cuda" else PRELOAD_CPU)
         except ValueError:  # no fork server on this platform
             ctx = mp.get_context("spawn")
         else:
@@ -146,14 +156,22 @@ def _context():
                 multiprocessing.forkserver.ensure_running()
             finally:
                 os.chdir(cwd)
-        _CONTEXT.append(ctx)
-    return _CONTEXT[0]
+            if device == "cuda":
+                queue = ctx.Queue()
+                probe = ctx.Process(target=_fork_can_use_cuda, args=(queue,))
+                probe.start()
+                ok = queue.get(timeout=120)
+                probe.join()
+                if not ok:
+                    ctx = mp.get_context("spawn")
+        _CONTEXT[device] = ctx
+    return _CONTEXT[device]
 
 
 def measure(target: str, device: str, reps: int, fwd_reps: int = 0, **kwargs) -> dict:
     """Runs ``target(device=device, **kwargs)`` in a fresh process: ``time_s`` (fwd+bwd), ``extra_bytes``,
     ``workspace_bytes``, ``checksum`` and, with ``fwd_reps``, ``fwd_time_s``; or ``error``."""
-    ctx = _context()
+    ctx = _context(device)
     queue = ctx.Queue()
     p = ctx.Process(target=_child, args=(target, kwargs, device, reps, fwd_reps, queue))
     p.start()

@@ -1,6 +1,7 @@
 """The ``fastpref bench`` run: the size sweep of every op family over every implementation, the floors, the
 terminal tables, ``results.json`` and one PNG plot per op in the output folder.
 
+The JSON is rewritten after each size with ``partial: true``, so a run stopped early keeps what it measured.
 Rows of the JSON (``results["rows"]``), one per (op, sizes, implementation):
 ``op``, ``impl`` (the case's ``impl``: ``eager``, ``compile``, a peer, or a fastpref backend), ``label``
 and ``name`` (long and short descriptions),
@@ -160,6 +161,22 @@ def run(*, device: str, ops=OPS, mode: str = "full", out: str, reps: int | None 
             sizes = dict(sizes, dtype=dtype)
             plan.append((suite, sizes, _jobs(suite, device, sizes, set(impls or ()), set(missing))))
     rows = []
+
+    def results(partial: bool) -> dict:
+        return dict(schema=SCHEMA, device=device, device_name=device_name(device), mode=mode, reps=reps,
+                    cpu_threads=torch.get_num_threads(), versions=versions(), floors=floors,
+                    ops={s.name: dict(op=s.op, title=s.title, floor=s.floor, floor_work=s.floor_doc,
+                                      x_label=s.x_label, sizes=[dict(z, dtype=dtype) for z in s.sweep(device, mode)])
+                         for s in suites},
+                    started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), rows=rows, partial=partial)
+
+    def write(results: dict) -> str:
+        os.makedirs(out, exist_ok=True)
+        path = os.path.join(out, "results.json")
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+        return path
+
     with ui.progress(sum(r["status"] == "ok" for _, _, rs in plan for r in rs)) as advance:
         for n, (suite, sizes, group) in enumerate(plan):
             if not n or plan[n - 1][0] is not suite:
@@ -180,20 +197,14 @@ def run(*, device: str, ops=OPS, mode: str = "full", out: str, reps: int | None 
                 _finish(row, result, ref, (fwd_work / rate, fwd_bwd_work / rate))
             ui.table(f"{suite.op}: {_size_text(sizes)}", group)
             rows += group
-    results = dict(schema=SCHEMA, device=device, device_name=device_name(device), mode=mode, reps=reps,
-                   cpu_threads=torch.get_num_threads(), versions=versions(), floors=floors,
-                   ops={s.name: dict(op=s.op, title=s.title, floor=s.floor, floor_work=s.floor_doc,
-                                     x_label=s.x_label, sizes=[dict(z, dtype=dtype) for z in s.sweep(device, mode)])
-                        for s in suites},
-                   started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), rows=rows)
+            write(results(partial=True))  # a run stopped early still leaves what it measured
+    final = results(partial=False)
     os.makedirs(out, exist_ok=True)
-    plots = report.plots(results, out)
-    results["wall_s"] = time.time() - started
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    ui.summary(results)
-    ui.header(f"wrote {os.path.join(out, 'results.json')}" + "".join(f", {p}" for p in plots) +
-              f"  ({results['wall_s']:.0f} s)")
+    plots = report.plots(final, out)
+    final["wall_s"] = time.time() - started
+    path = write(final)
+    ui.summary(final)
+    ui.header(f"wrote {path}" + "".join(f", {p}" for p in plots) + f"  ({final['wall_s']:.0f} s)")
     bad = [r for r in rows if r["kind"] == "fastpref" and (r["status"] == "failed" or r.get("matches_reference") is False)]
     return 1 if bad else 0
 

@@ -1,0 +1,135 @@
+"""The row kernels against the memory floor: token_logprobs (+ entropy) and token_divergence, forward and
+forward+backward, on every fastpref backend usable here and the eager PyTorch path, as a fraction of the
+measured copy bandwidth (issue 6's goals: >= 85 % forward, >= 80 % forward+backward).
+
+    python benchmarks/row_kernels.py [--device cuda] [--tiny] [--out FILE.json]
+
+Floors (the fewest bytes each step must move, over the measured copy bandwidth, read + written):
+  token_logprobs    forward N V s (read the logits);  fwd+bwd 3 N V s (read twice, write the gradient)
+  token_divergence  forward 2 N V s (logits and reference); fwd+bwd 5 N V s (both twice, write one gradient)
+with s the element size; the per-row outputs are negligible. Times are medians of CUDA-event timings
+(``triton.testing.do_bench``) on a GPU, of wall-clock repetitions on CPU. The inputs are random (never zeros).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+import fastpref
+
+
+def timer(device):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
+
+    def cpu_timer(fn):
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return cpu_timer
+
+
+def copy_bandwidth(device, nbytes, measure):
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * nbytes / measure(lambda: dst.copy_(src))
+
+
+def eager_logprobs(x, labels):
+    keep = labels != -100
+    logp = torch.log_softmax(x.float(), dim=-1)
+    lp = logp.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1)
+    return lp * keep, -(logp.exp() * logp).sum(-1) * keep
+
+
+def eager_divergence(x, xr, labels):
+    logp, logq = torch.log_softmax(x.float(), -1), torch.log_softmax(xr.float(), -1)
+    return (logp.exp() * (logp - logq)).sum(-1) * (labels != -100)
+
+
+def cases(impls):
+    """(op, impl, forward(x, xr, labels) -> outputs, bytes-per-element multipliers (fwd, fwd+bwd))."""
+    for impl in impls:
+        if impl == "eager":
+            lp, dv = eager_logprobs, eager_divergence
+        else:
+            def lp(x, labels, impl=impl):
+                return fastpref.token_logprobs(x, labels, return_entropy=True, backend=impl)
+
+            def dv(x, xr, labels, impl=impl):
+                return fastpref.token_divergence(x, xr, divergence="reverse_kl", labels=labels, backend=impl)
+        yield "token_logprobs", impl, (lambda x, xr, y, f=lp: f(x, y)), (1, 3)
+        yield "token_divergence", impl, dv, (2, 5)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="small sizes, for a dry run of this script")
+    ap.add_argument("--out", default=None, help="JSON file for the rows")
+    args = ap.parse_args(argv)
+    device = args.device
+    measure = timer(device)
+    sizes = [(64, 3001)] if args.tiny else [(8192, 128256), (32768, 32000)]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bandwidth = copy_bandwidth(device, 2**20 if args.tiny else 2**31, measure)
+    infos = fastpref.backends()
+    impls = ["eager"] + [n for n in ("triton", "cuda", "cpu", "torch") if infos[n].available
+                         and not (n == "cpu" and device != "cpu") and not (n == "cuda" and device != "cuda")]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written); {dtype}; impls {impls}", flush=True)
+    rows = []
+    for N, V in sizes:
+        torch.manual_seed(0)
+        x = (torch.randn(N, V, device=device) * 2).to(dtype)
+        xr = (x.float() + torch.randn(N, V, device=device) * 0.5).to(dtype)
+        labels = torch.randint(0, V, (N,), device=device)
+        labels[::7] = -100
+        elem = x.element_size()
+        for op, impl, forward, (k_fwd, k_bwd) in cases(impls):
+            row = dict(op=op, impl=impl, N=N, V=V, dtype=str(dtype).split(".")[-1])
+            try:
+                xg = x.detach().requires_grad_()
+
+                def fwd():
+                    with torch.no_grad():
+                        forward(x, xr, labels)
+
+                def fwd_bwd():
+                    outs = forward(xg, xr, labels)
+                    outs = outs if isinstance(outs, tuple) else (outs,)
+                    torch.autograd.backward([o.sum() for o in outs])
+                    xg.grad = None
+
+                row["fwd_s"], row["fwd_bwd_s"] = measure(fwd), measure(fwd_bwd)
+                row["fwd_bw_frac"] = k_fwd * N * V * elem / row["fwd_s"] / bandwidth
+                row["fwd_bwd_bw_frac"] = k_bwd * N * V * elem / row["fwd_bwd_s"] / bandwidth
+                row["status"] = "ok"
+            except Exception as exc:  # a backend that fails here is a row, not the end of the run
+                row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+            rows.append(row)
+            if row["status"] == "ok":
+                print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  fwd {row['fwd_s'] * 1e3:8.3f} ms "
+                      f"({row['fwd_bw_frac']:6.1%} of copy)  fwd+bwd {row['fwd_bwd_s'] * 1e3:8.3f} ms "
+                      f"({row['fwd_bwd_bw_frac']:6.1%})", flush=True)
+            else:
+                print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  FAILED {row['reason']}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(dict(device=name, torch=torch.__version__, copy_bandwidth=bandwidth, rows=rows), f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
