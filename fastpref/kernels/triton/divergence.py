@@ -40,15 +40,16 @@ DIV_TV: tl.constexpr = tl.constexpr(REGISTRY["tv"].kernel_id)
 DIV_HELLINGER: tl.constexpr = tl.constexpr(REGISTRY["hellinger"].kernel_id)
 
 # (largest V, BLOCK_V, num_warps), first match wins; every entry multiplies the AOT check's variants.
-# Both give each thread 8 elements per row per block. Every block loads two rows, so that is as many bytes
-# in flight per thread as logprobs.py's 16 of one row, and 8 elements are whole 16-byte chunks for every
-# dtype, so aligned rows keep 128-bit loads and stores. The two-row working set (both rows, the terms, up
-# to three per-lane accumulators) then compiles to at most 64 registers (``python -m
-# fastpref.kernels.triton._aot``; Triton 3.9, sm_80/sm_90): four 8-warp programs fill an SM's 2048 threads.
-# Vocabularies up to 1024 take one 1024-wide block rather than a mostly masked 2048 one.
+# Elements per thread per row per block are whole 16-byte chunks for every dtype (8 or 16), so aligned rows
+# keep 128-bit loads and stores, and the two-row working set stays spill-free (``python -m
+# fastpref.kernels.triton._aot``). For large vocabularies 2048 x 4 warps (16 per thread, two rows) was the
+# fastest on an H200 (benchmarks/tune_row_kernels.py, N = 8192, V = 128256, bf16, reverse KL: forward
+# 1.283 ms against 1.471 for 2048 x 8, forward+backward 2.821 against 3.005): fewer warps per row wait less
+# at each block's max, and each thread has twice the bytes in flight. Vocabularies up to 1024 take one
+# 1024-wide block rather than a mostly masked 2048 one.
 _CONFIGS = (
     (1024, 1024, 4),
-    (None, 2048, 8),
+    (None, 2048, 4),
 )
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

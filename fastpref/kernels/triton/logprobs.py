@@ -27,11 +27,14 @@ TANH_SERIES_MAX: tl.constexpr = tl.constexpr(0.25)
 # every variant. Both entries give each thread BLOCK_V / (32 * num_warps) = 8 or 16 elements, which Triton
 # lays out as whole 16-byte chunks for every dtype, so aligned rows load and store with 128-bit accesses. 16 per
 # thread amortises each block's max reduction over more data while the per-lane s/t accumulators and
-# backward temporaries stay spill-free (see ``python -m fastpref.kernels.triton._aot``). Vocabularies up
-# to 1024 (classification / reward heads) take one 1024-wide block rather than a mostly masked 4096 one.
+# backward temporaries stay spill-free (see ``python -m fastpref.kernels.triton._aot``). Of the 16-per-thread
+# shapes, 2048 x 4 warps was the fastest on an H200 (benchmarks/tune_row_kernels.py, N = 8192, V = 128256,
+# bf16: forward 0.845 ms against 0.931 for 4096 x 8, forward+backward 1.995 against 2.110; more warps per row
+# wait longer at each block's max). Vocabularies up to 1024 (classification / reward heads) take one
+# 1024-wide block rather than a mostly masked 2048 one.
 _CONFIGS = (
     (1024, 1024, 4),
-    (None, 4096, 8),
+    (None, 2048, 4),
 )
 
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
