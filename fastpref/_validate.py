@@ -36,6 +36,14 @@ def check_labels(labels, shape: torch.Size, vocab: int, ignore_index: int) -> No
     if labels.shape != shape:
         raise ValueError(f"labels must have shape {tuple(shape)} (the leading dims of the input), "
                          f"got {tuple(labels.shape)}")
+    # Under torch.compile the value check is a graph break: the compiled ops run it when they execute
+    # (fastpref/ops/_library.py).
+    if not torch.compiler.is_compiling():
+        check_label_values(labels, vocab, ignore_index)
+
+
+def check_label_values(labels, vocab: int, ignore_index: int) -> None:
+    """Every label in [0, vocab) or == ignore_index."""
     if labels.numel() == 0:
         return
     # One reduction and one host sync: the price of never reading a logit row out of bounds.
@@ -48,5 +56,7 @@ def check_labels(labels, shape: torch.Size, vocab: int, ignore_index: int) -> No
 def check_positive(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+    # abs(value) < inf rather than math.isfinite, which breaks a torch.compile(dynamic=True) graph: Dynamo makes
+    # float defaults symbolic there.
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) < math.inf or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")

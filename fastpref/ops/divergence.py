@@ -9,33 +9,53 @@ import torch
 
 from fastpref import _backends, divergences
 from fastpref._validate import check_float, check_labels, check_positive, check_same_device
-from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, chunk_buffers,
-                                   gather_rows, row_buffer)
+from fastpref.ops import compiling, resolve
+from fastpref.ops._sharded import gathered
+from fastpref.ops._vocab_parallel import div_forward as vocab_parallel_div_forward
+from fastpref.ops._vocab_parallel import group_size
+from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, auto_chunk_size,
+                                   chunk_buffers, gather_rows, row_buffer)
+
+
+def token_div_forward(logits, ref_logits, labels, kw, backend, group=None):
+    """(value [...], lse, lse_r, s_a, s_b [N]): the forward of ``token_divergence``, for its autograd Function and
+    its compiled op (``ops/_library.py``). ``group``: vocabulary-parallel shards (``ops/_vocab_parallel.py``)."""
+    ops = _backends.row_kernels(backend, "divergence")
+    x, xr = _two_d(logits), _two_d(ref_logits)
+    y = None if labels is None else labels.reshape(-1)
+    if group is None:
+        value, *stats = ops.div_forward(x, xr, y, **kw)
+    else:
+        value, *stats = vocab_parallel_div_forward(ops, x, xr, y, group, **kw)
+    return value.view(logits.shape[:-1]), *stats
+
+
+def token_div_backward(logits, ref_logits, labels, lse, lse_r, s_a, s_b, grad, need, kw, backend):
+    """(grad logits, grad ref_logits), None where ``need`` (2 bools) is False. The same with vocabulary shards:
+    the statistics are global, and each shard's gradient follows from them."""
+    ops = _backends.row_kernels(backend, "divergence")
+    V = logits.shape[-1]
+    gx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if need[0] else None
+    gr = torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device) if need[1] else None
+    ops.div_backward(_two_d(logits), _two_d(ref_logits), None if labels is None else labels.reshape(-1), lse, lse_r,
+                     s_a, s_b, grad.float().reshape(-1).contiguous(), None if gx is None else gx.view(-1, V),
+                     None if gr is None else gr.view(-1, V), **kw)
+    return gx, gr
 
 
 class TokenDivergenceFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ref_logits, labels, kw, backend):
-        ops = _backends.row_kernels(backend, "divergence")
-        V = logits.shape[-1]
-        x, xr = _two_d(logits), _two_d(ref_logits)
-        y = None if labels is None else labels.reshape(-1)
-        value, *stats = ops.div_forward(x, xr, y, **kw)
-        ctx.save_for_backward(logits, ref_logits, y, value, *stats)
-        ctx.kw, ctx.backend, ctx.V = kw, backend, V
-        return value.view(logits.shape[:-1])
+    def forward(ctx, logits, ref_logits, labels, kw, backend, group):
+        value, *stats = token_div_forward(logits, ref_logits, labels, kw, backend, group)
+        ctx.save_for_backward(logits, ref_logits, labels, *stats)
+        ctx.kw, ctx.backend = kw, backend
+        return value
 
     @staticmethod
     def backward(ctx, grad):
-        logits, ref_logits, y, _, lse, lse_r, s_a, s_b = ctx.saved_tensors
-        need_x, need_r = ctx.needs_input_grad[:2]
-        ops = _backends.row_kernels(ctx.backend, "divergence")
-        gx = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if need_x else None
-        gr = torch.empty(ref_logits.shape, dtype=ref_logits.dtype, device=ref_logits.device) if need_r else None
-        ops.div_backward(_two_d(logits), _two_d(ref_logits), y, lse, lse_r, s_a, s_b,
-                         grad.float().reshape(-1).contiguous(), None if gx is None else gx.view(-1, ctx.V),
-                         None if gr is None else gr.view(-1, ctx.V), **ctx.kw)
-        return gx, gr, None, None, None
+        logits, ref_logits, labels, *stats = ctx.saved_tensors
+        return (*token_div_backward(logits, ref_logits, labels, *stats, grad, ctx.needs_input_grad[:2], ctx.kw,
+                                    ctx.backend), None, None, None, None)
 
 
 def _two_d(t):
@@ -54,7 +74,7 @@ def _check_common(divergence, params, labels, shape, V, ignore_index, temperatur
 
 
 def token_divergence(logits, ref_logits, *, divergence="reverse_kl", labels=None, ignore_index=-100,
-                     temperature=1.0, backend="auto", **params):
+                     temperature=1.0, backend="auto", process_group=None, **params):
     """Per-position full-vocabulary f-divergence D_f(pi || pi_ref) = sum_v pi_ref f(pi / pi_ref).
 
     pi = softmax(logits / temperature), pi_ref = softmax(ref_logits / temperature) (the same temperature
@@ -66,6 +86,11 @@ def token_divergence(logits, ref_logits, *, divergence="reverse_kl", labels=None
             default 0.5), alpha (``alpha``, default 0.5, TRL's convention: alpha -> 1 is reverse KL), tv,
             hellinger. Parameters go as keyword arguments and must lie in (0, 1).
         labels: optional [...] integer tensor; it only masks positions (``ignore_index`` -> 0, no gradient).
+        process_group: vocabulary parallelism (Megatron layout, as in ``token_logprobs``): both logits are this
+            rank's shard [..., V_local] of the same vocabulary ids. The values are the full-vocabulary ones on
+            every rank (three all-reduces of [N]-sized statistics in the forward, none in the backward). The
+            sharded forward evaluates the divergence terms in PyTorch after the backend's kernel (which
+            normalizes within the shard) gave the shard's log-sum-exps; the backward is the backend's kernel.
 
     Returns:
         fp32 [...] values. Gradients flow to ``logits`` and, when it requires grad, to ``ref_logits``
@@ -78,10 +103,78 @@ def token_divergence(logits, ref_logits, *, divergence="reverse_kl", labels=None
                          f"got {tuple(ref_logits.shape)}")
     if logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dimension, got shape {tuple(logits.shape)}")
-    kw = _check_common(divergence, params, labels, logits.shape[:-1], logits.shape[-1], ignore_index, temperature,
-                       logits.device, logits=logits, ref_logits=ref_logits)
-    name = _backends.resolve(backend, logits.device)
-    return TokenDivergenceFunction.apply(logits, ref_logits, labels, kw, name)
+    ranks = 1 if process_group is None else group_size(process_group)
+    kw = _check_common(divergence, params, labels, logits.shape[:-1], logits.shape[-1] * ranks, ignore_index,
+                       temperature, logits.device, logits=logits, ref_logits=ref_logits)
+    name = resolve(backend, logits.device)
+    if compiling() and process_group is None:
+        from fastpref.ops import _library
+
+        return _library.token_divergence(logits, ref_logits, labels, kw, name)
+    return TokenDivergenceFunction.apply(logits, ref_logits, labels, kw, name, process_group)
+
+
+def _div_chunk(chunk_size, n, V, hidden):
+    """Token rows per chunk: ``chunk_size``, or the log-prob budget for the two heads' logits."""
+    return chunk_size or max(1, auto_chunk_size(n, 2 * V, hidden))
+
+
+def linear_div_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kw, chunk_size, backend):
+    """(value, lse, lse_r, s_a, s_b [N], chunk): the forward of ``linear_token_divergence`` on rows [N, H], for its
+    autograd Function and its compiled op: chunks of both heads' logits in bounded buffers."""
+    ops = _backends.row_kernels(backend, "divergence")
+    N, V = hidden.shape[0], weight.shape[0]
+    rows = None if labels is None else _kept_rows(labels, kw["ignore_index"])
+    n = N if rows is None else rows.shape[0]
+    chunk = _div_chunk(chunk_size, n, V, hidden)
+    outs = [torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(5)]
+    buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
+    rbuf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(ref_hidden), device=hidden.device)
+    hbufs = [row_buffer(rows, min(chunk, n), h) for h in (hidden, ref_hidden)]
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = _chunk_logits(gather_rows(hidden, rows, s, e, hbufs[0]), weight, bias, buf[: e - s])
+        zr = _chunk_logits(gather_rows(ref_hidden, rows, s, e, hbufs[1]), ref_weight, ref_bias, rbuf[: e - s])
+        res = ops.div_forward(z, zr, None, **kw)
+        idx = rows[s:e] if rows is not None else slice(s, e)
+        for out, r in zip(outs, res):
+            out[idx] = r
+    return (*outs, chunk)
+
+
+def linear_div_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r, s_a, s_b, grad,
+                        needs, kw, chunk, backend):
+    """The gradients of ``linear_token_divergence`` w.r.t. (hidden, weight, bias, ref_hidden, ref_weight,
+    ref_bias), None where ``needs`` (6 bools) is False: both heads' chunks are recomputed, ``chunk`` rows at a
+    time (None: the forward's default)."""
+    ops = _backends.row_kernels(backend, "divergence")
+    V = weight.shape[0]
+    rows = None if labels is None else _kept_rows(labels, kw["ignore_index"])
+    sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+    g_all, lse, lse_r, s_a, s_b = (sel(t) for t in (grad.float().contiguous(), lse, lse_r, s_a, s_b))
+    n = lse.shape[0]
+    chunk = min(_div_chunk(chunk, n, V, hidden), max(n, 1))
+    hbufs = [row_buffer(rows, chunk, h) for h in (hidden, ref_hidden)]
+    sides = []  # (HeadGrads or None for a frozen head, logits buffer, gradient buffer or None)
+    for hh, w, b, need in ((hidden, weight, bias, needs[0:3]), (ref_hidden, ref_weight, ref_bias, needs[3:6])):
+        if any(need):
+            sides.append((HeadGrads(hh, w, b, need, rows=rows), *chunk_buffers(chunk, V, hh)))
+        else:
+            sides.append((None, torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device), None))
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        hc = [gather_rows(hh, rows, s, e, hb) for hh, hb in zip((hidden, ref_hidden), hbufs)]
+        z = _chunk_logits(hc[0], weight, bias, sides[0][1][: e - s])
+        zr = _chunk_logits(hc[1], ref_weight, ref_bias, sides[1][1][: e - s])
+        outs = [None if gbuf is None else gbuf[: e - s] for _, _, gbuf in sides]
+        ops.div_backward(z, zr, None, lse[s:e], lse_r[s:e], s_a[s:e], s_b[s:e], g_all[s:e], *outs, **kw)
+        for (grads, _, _), g, x in zip(sides, outs, hc):
+            if grads is not None:
+                grads.add(g, s, e, x)
+    result = []
+    for (grads, _, _), full_h in zip(sides, (hidden, ref_hidden)):
+        result += grads.result(full_h, rows) if grads is not None else (None, None, None)
+    return tuple(result)
 
 
 class LinearTokenDivergenceFunction(torch.autograd.Function):
@@ -89,61 +182,17 @@ class LinearTokenDivergenceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kw, chunk_size, backend):
-        from fastpref.ops.logprobs import auto_chunk_size
-
-        ops = _backends.row_kernels(backend, "divergence")
-        N, V = hidden.shape[0], weight.shape[0]
-        rows = None if labels is None else _kept_rows(labels, kw["ignore_index"])
-        n = N if rows is None else rows.shape[0]
-        chunk = chunk_size or max(1, auto_chunk_size(n, 2 * V, hidden))
-        outs = [torch.zeros(N, dtype=torch.float32, device=hidden.device) for _ in range(5)]
-        buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
-        rbuf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(ref_hidden), device=hidden.device)
-        hbufs = [row_buffer(rows, min(chunk, n), h) for h in (hidden, ref_hidden)]
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            z = _chunk_logits(gather_rows(hidden, rows, s, e, hbufs[0]), weight, bias, buf[: e - s])
-            zr = _chunk_logits(gather_rows(ref_hidden, rows, s, e, hbufs[1]), ref_weight, ref_bias, rbuf[: e - s])
-            res = ops.div_forward(z, zr, None, **kw)
-            idx = rows[s:e] if rows is not None else slice(s, e)
-            for out, r in zip(outs, res):
-                out[idx] = r
-        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *outs[1:])
+        value, *stats, chunk = linear_div_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kw,
+                                                  chunk_size, backend)
+        ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, *stats)
         ctx.kw, ctx.backend, ctx.chunk = kw, backend, chunk
-        return outs[0]
+        return value
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r, s_a, s_b = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        ops = _backends.row_kernels(ctx.backend, "divergence")
-        V = weight.shape[0]
-        rows = None if labels is None else _kept_rows(labels, ctx.kw["ignore_index"])
-        sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
-        g_all, lse, lse_r, s_a, s_b = (sel(t) for t in (grad.float().contiguous(), lse, lse_r, s_a, s_b))
-        n = lse.shape[0]
-        chunk = min(ctx.chunk, max(n, 1))
-        hbufs = [row_buffer(rows, chunk, h) for h in (hidden, ref_hidden)]
-        sides = []  # (HeadGrads or None for a frozen head, logits buffer, gradient buffer or None)
-        for hh, w, b, need in ((hidden, weight, bias, needs[0:3]), (ref_hidden, ref_weight, ref_bias, needs[3:6])):
-            if any(need):
-                sides.append((HeadGrads(hh, w, b, need, rows=rows), *chunk_buffers(chunk, V, hh)))
-            else:
-                sides.append((None, torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device), None))
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            hc = [gather_rows(hh, rows, s, e, hb) for hh, hb in zip((hidden, ref_hidden), hbufs)]
-            z = _chunk_logits(hc[0], weight, bias, sides[0][1][: e - s])
-            zr = _chunk_logits(hc[1], ref_weight, ref_bias, sides[1][1][: e - s])
-            outs = [None if gbuf is None else gbuf[: e - s] for _, _, gbuf in sides]
-            ops.div_backward(z, zr, None, lse[s:e], lse_r[s:e], s_a[s:e], s_b[s:e], g_all[s:e], *outs, **ctx.kw)
-            for (grads, _, _), g, x in zip(sides, outs, hc):
-                if grads is not None:
-                    grads.add(g, s, e, x)
-        result = []
-        for (grads, _, _), full_h in zip(sides, (hidden, ref_hidden)):
-            result += grads.result(full_h, rows) if grads is not None else (None, None, None)
-        return (*result, None, None, None, None)
+        *tensors, lse, lse_r, s_a, s_b = ctx.saved_tensors
+        return (*linear_div_backward(*tensors, lse, lse_r, s_a, s_b, grad, ctx.needs_input_grad, ctx.kw, ctx.chunk,
+                                     ctx.backend), None, None, None, None)
 
 
 def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergence="reverse_kl", bias=None,
@@ -157,8 +206,12 @@ def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergenc
     fp32. Positions masked by ``labels`` are dropped before the matmuls.
 
     hidden [..., H], weight [V, H]; ref_hidden [..., H_ref] with the same leading dims, ref_weight
-    [V, H_ref] (the reference may have another hidden size). See ``token_divergence`` for the rest.
+    [V, H_ref] (the reference may have another hidden size). See ``token_divergence`` for the rest. Either
+    head may be a sharded parameter (FSDP2 DTensor, DeepSpeed ZeRO-3), gathered for the call as in
+    ``linear_logprobs``.
     """
+    weight, bias = gathered("weight", weight), gathered("bias", bias)
+    ref_weight, ref_bias = gathered("ref_weight", ref_weight), gathered("ref_bias", ref_bias)
     check_float("hidden", hidden, min_dim=1)
     check_float("ref_hidden", ref_hidden, min_dim=1)
     for name, w, h, b in (("weight", weight, hidden, bias), ("ref_weight", ref_weight, ref_hidden, ref_bias)):
@@ -188,8 +241,11 @@ def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergenc
                        bias=bias, ref_bias=ref_bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = _backends.resolve(backend, hidden.device)
-    out = LinearTokenDivergenceFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
-        ref_weight, ref_bias, None if labels is None else labels.reshape(-1), kw, chunk_size, name)
-    return out.view(hidden.shape[:-1])
+    name = resolve(backend, hidden.device)
+    args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
+            ref_weight, ref_bias, None if labels is None else labels.reshape(-1), kw, chunk_size, name)
+    if compiling():
+        from fastpref.ops import _library
+
+        return _library.linear_token_divergence(*args).view(hidden.shape[:-1])
+    return LinearTokenDivergenceFunction.apply(*args).view(hidden.shape[:-1])

@@ -12,6 +12,8 @@ import torch
 
 from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+from fastpref.ops import compiling, resolve
+from fastpref.ops._sharded import gathered
 from fastpref.ops.divergence import linear_token_divergence
 from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, auto_chunk_size, chunk_buffers,
                                    linear_logprobs, row_buffer, scale_head_grads)
@@ -19,54 +21,65 @@ from fastpref.ops.policy import (PolicyOutput, aggregation_weights, check_policy
                                  token_loss)
 
 
+def ppo_pass(hidden, weight, bias, labels, per_token, cfg, need):
+    """The chunk loop of ``linear_ppo_loss`` (its autograd Function's and its compiled op's): (logp [N], entropy [N]
+    or None, (grad hidden, grad weight, grad bias)), the gradients those of sum_t w_t l_t, None where ``need`` (3
+    bools) is False. hidden [N, H], labels [N] (masked tokens already ``ignore_index``), per_token: dict of [N]
+    fp32 tensors (old_logp or None, adv, ref_logp or None, w)."""
+    ops = _backends.row_kernels(cfg["backend"], "logprobs")
+    kw = dict(temperature=cfg["temperature"], softcap=cfg["softcap"], ignore_index=cfg["ignore_index"])
+    N, V = hidden.shape[0], weight.shape[0]
+    rows = _kept_rows(labels, cfg["ignore_index"])
+    y = labels if rows is None else labels.index_select(0, rows)
+    n = y.shape[0]
+    with_entropy = cfg["with_entropy"]
+    logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    chunk = min(cfg["chunk_size"] or auto_chunk_size(max(n, 1), V, hidden), max(n, 1))
+    buf, gbuf = chunk_buffers(chunk, V, hidden)
+    grads = HeadGrads(hidden, weight, bias, need, rows=rows)
+    hbuf = row_buffer(rows, chunk, hidden)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        hc = grads.gather(s, e, hbuf)
+        z = _chunk_logits(hc, weight, bias, buf[: e - s])
+        lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
+        idx = slice(s, e) if rows is None else rows[s:e]
+        logp[idx] = lp
+        if with_entropy:
+            entropy[idx] = en
+        if any(need):
+            glp, gen = _token_grads(lp, en, {k: None if v is None else v[idx] for k, v in per_token.items()}, cfg)
+            g = gbuf[: e - s]
+            ops.row_backward(z, y[s:e], ls, en if gen is not None else None, glp, gen, g, **kw)
+            grads.add(g, s, e, hc)
+    return logp, entropy, grads.result(hidden, rows)
+
+
 class _LinearPPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, per_token, cfg):
-        """hidden [N, H], labels [N] (masked tokens already ``ignore_index``), per_token: dict of [N] fp32
-        tensors (old_logp or None, adv, ref_logp or None, w). Returns (loss, logp [N], entropy [N] or None);
-        the loss's metrics go to ``cfg["metrics"]``."""
-        ops = _backends.row_kernels(cfg["backend"], "logprobs")
-        kw = dict(temperature=cfg["temperature"], softcap=cfg["softcap"], ignore_index=cfg["ignore_index"])
-        N, V = hidden.shape[0], weight.shape[0]
-        rows = _kept_rows(labels, cfg["ignore_index"])
-        y = labels if rows is None else labels.index_select(0, rows)
-        n = y.shape[0]
+        """Returns (loss, logp [N], entropy [N] or None); the loss's metrics go to ``cfg["metrics"]``."""
         # Inside forward grad mode is off; the caller's mode (eval: no gradient work) comes in cfg.
         need = [ctx.needs_input_grad[i] and cfg["grad"] for i in range(3)]
-        with_entropy = cfg["with_entropy"]
-        logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        entropy = torch.zeros_like(logp) if with_entropy else None
-        chunk = min(cfg["chunk_size"] or auto_chunk_size(max(n, 1), V, hidden), max(n, 1))
-        buf, gbuf = chunk_buffers(chunk, V, hidden)
-        grads = HeadGrads(hidden, weight, bias, need, rows=rows)
-        hbuf = row_buffer(rows, chunk, hidden)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            hc = grads.gather(s, e, hbuf)
-            z = _chunk_logits(hc, weight, bias, buf[: e - s])
-            lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
-            idx = slice(s, e) if rows is None else rows[s:e]
-            logp[idx] = lp
-            if with_entropy:
-                entropy[idx] = en
-            if any(need):
-                glp, gen = _token_grads(lp, en, {k: None if v is None else v[idx] for k, v in per_token.items()},
-                                        cfg)
-                g = gbuf[: e - s]
-                ops.row_backward(z, y[s:e], ls, en if gen is not None else None, glp, gen, g, **kw)
-                grads.add(g, s, e, hc)
-        args = cfg["loss_args"]
-        shape = args["mask"].shape
-        ent2d = None if entropy is None else entropy.view(shape)
-        out = ppo_loss(logp.view(shape), entropy=ent2d, **args)
-        cfg["metrics"] = out.metrics
-        ctx.save_for_backward(*grads.result(hidden, rows))
-        ctx.mark_non_differentiable(logp, *([entropy] if with_entropy else []))
-        return out.loss, logp, entropy
+        logp, entropy, grads = ppo_pass(hidden, weight, bias, labels, per_token, cfg, need)
+        loss = policy_loss(logp, entropy, cfg)
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(logp, *([entropy] if entropy is not None else []))
+        return loss, logp, entropy
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         return (*scale_head_grads(grad_loss, ctx.saved_tensors), None, None, None)
+
+
+def policy_loss(logp, entropy, cfg):
+    """``ppo_loss`` of the pass's per-token results (its value; the metrics go to ``cfg["metrics"]``)."""
+    args = cfg["loss_args"]
+    shape = args["mask"].shape
+    out = ppo_loss(logp.view(shape), entropy=None if entropy is None else entropy.view(shape), **args)
+    cfg["metrics"] = out.metrics
+    return out.loss
 
 
 def _token_grads(lp, en, t, cfg):
@@ -106,8 +119,12 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
     then ``ppo_loss`` (4 matmuls). ``compute_entropy`` (default True, for the ``entropy`` metric as TRL
     logs it) is forced on by ``entropy_coef`` > 0. Returns ``PolicyOutput(loss, metrics)``: ``ppo_loss``'s
     metrics plus ``logp`` [B, T] (detached, fp32: the ``old_logp`` of the next PPO epoch). Without grad
-    (eval) no gradient work is done.
+    (eval) no gradient work is done. The heads may be sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3),
+    gathered for the call as in ``linear_logprobs``.
     """
+    # The reference head is gathered by the op that uses it (linear_logprobs without grad, or
+    # linear_token_divergence).
+    weight, bias = gathered("weight", weight), gathered("bias", bias)
     check_float("hidden", hidden, dim=3)
     check_float("weight", weight, dim=2)
     if weight.shape[1] != hidden.shape[2] or weight.dtype != hidden.dtype:
@@ -146,7 +163,7 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
         kl=probe if divergence is not None else None, entropy=probe if with_entropy else None,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
         entropy_coef=entropy_coef, loss_agg=loss_agg, num_items=num_items, importance=importance)
-    name = _backends.resolve(backend, hidden.device)
+    name = resolve(backend, hidden.device)
     y = labels.masked_fill(~mask, ignore_index)
     head = dict(bias=bias, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size, backend=name)
 
@@ -183,8 +200,13 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
     cfg = dict(policy, backend=name, temperature=float(temperature), softcap=float(softcap or 0.0),
                ignore_index=int(ignore_index), chunk_size=chunk_size, with_entropy=with_entropy,
                grad=torch.is_grad_enabled(), loss_args=loss_args)
-    loss, logp, _ = _LinearPPOFunction.apply(hidden.reshape(-1, hidden.shape[2]), weight, bias, y.reshape(-1),
-                                             per_token, cfg)
+    args = (hidden.reshape(-1, hidden.shape[2]), weight, bias, y.reshape(-1), per_token, cfg)
+    if compiling():
+        from fastpref.ops import _library
+
+        loss, logp, _ = _library.linear_ppo(*args)
+    else:
+        loss, logp, _ = _LinearPPOFunction.apply(*args)
     if kl is not None and kl_coef:
         loss = loss + kl_coef * (w * torch.where(mask, kl, 0.0)).sum()
     metrics = cfg["metrics"]

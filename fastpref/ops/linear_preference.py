@@ -19,6 +19,8 @@ import torch
 
 from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_same_device
+from fastpref.ops import compiling, resolve
+from fastpref.ops._sharded import gathered
 from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, auto_chunk_size, chunk_buffers,
                                    linear_logprobs, scale_head_grads)
 from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
@@ -99,79 +101,86 @@ class _DeferredPair:
         self.start = None
 
 
+def dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need):
+    """The chunk passes of ``linear_dpo_loss`` (its autograd Function's and its compiled op's): (sequence
+    log-probs [2B] fp32, completion lengths [2B], chosen token count, (grad hidden, grad weight, grad bias)), the
+    gradients those of the loss, None where ``need`` (3 bools) is False."""
+    ops = _backends.row_kernels(cfg["backend"], "logprobs")
+    two_b = labels.shape[0]
+    B = two_b // 2
+    order, seq, pair_end, lengths = _pair_order(labels, cfg["ignore_index"])
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, order)
+    y = labels.reshape(-1).index_select(0, order)
+    n, V = h.shape[0], weight.shape[0]
+    need_any = any(need)
+    decomposable = cfg["loss_type"] not in _COUPLED
+    ends = pair_end.tolist()
+    starts = [0] + ends[:-1]
+    largest = max((e - s for s, e in zip(starts, ends)), default=0)
+    chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, largest, decomposable and need_any)
+    aligned = largest <= chunk
+    # One pass (gradients in the forward) when the pairs decompose and either every pair fits in a chunk
+    # or the open pair's deferred weight gradients (2 x [V, H] fp32) cost at most 4 chunk buffers.
+    one_pass = need_any and decomposable and (aligned or not need[1] or 2 * hidden.shape[-1] <= 4 * chunk)
+    plan = _chunks(ends, chunk, aligned and decomposable)
+    kw = dict(temperature=1.0, softcap=0.0, ignore_index=cfg["ignore_index"])
+
+    chosen_tokens = lengths[:B].sum().clamp(min=1)
+    seq_logps = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    grads = HeadGrads(h, weight, bias, need)
+    buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
+    chosen_len = lengths[:B].tolist()
+    deferred = _DeferredPair(grads) if one_pass and not aligned else None
+    done = 0  # pairs whose coefficients are applied
+    for s, e in plan:
+        z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+        lp, ls, _ = ops.row_forward(z, y[s:e], **kw)
+        lse[s:e] = ls
+        seq_logps.index_add_(0, seq[s:e], lp)
+        if not one_pass:
+            continue
+        complete = done
+        while complete < B and ends[complete] <= e:
+            complete += 1
+        if complete > done:
+            pairs = torch.arange(done, complete, device=h.device)
+            c = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, torch.cat([pairs, pairs + B]))
+        else:  # the chunk lies inside one open pair
+            c = torch.zeros_like(seq_logps)
+        rows = seq[s:e]
+        # Tokens of the pair still open at e get coefficient 1: their gradient is scaled when it completes.
+        coef = torch.where(rows % B < complete, c[rows], torch.ones_like(c[rows]))
+        g = gbuf[: e - s]
+        ops.row_backward(z, y[s:e], ls, None, coef, None, g, **kw)
+        open_from = max(s, starts[complete]) if complete < B and starts[complete] < e else e
+        if deferred is not None and deferred.start is not None and complete > done:
+            p = done  # the pair left open by the previous chunk completes in this one
+            deferred.settle(s, c[seq[deferred.start:s]], c[p], c[p + B])
+        grads.add(g[: open_from - s], s, open_from)
+        if open_from < e:
+            chosen_end = starts[complete] + chosen_len[complete]  # the open pair's rejected rows start here
+            deferred.add(g[open_from - s:], open_from, e, min(e, max(open_from, chosen_end)))
+        done = complete
+    if need_any and not one_pass:
+        coef = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, None)
+        for s, e in plan:
+            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
+            g = gbuf[: e - s]
+            ops.row_backward(z, y[s:e], lse[s:e], None, coef[seq[s:e]], None, g, **kw)
+            grads.add(g, s, e)
+    gh, gw, gb = grads.result(hidden.reshape(-1, hidden.shape[-1]), order)
+    return seq_logps, lengths, chosen_tokens, (None if gh is None else gh.view(hidden.shape), gw, gb)
+
+
 class _LinearDPOFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ref_logps, cfg):
-        ops = _backends.row_kernels(cfg["backend"], "logprobs")
-        two_b = labels.shape[0]
-        B = two_b // 2
-        order, seq, pair_end, lengths = _pair_order(labels, cfg["ignore_index"])
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, order)
-        y = labels.reshape(-1).index_select(0, order)
-        n, V = h.shape[0], weight.shape[0]
         # Inside forward grad mode is off; the caller's mode (eval: no gradient work) comes in cfg.
         need = [ctx.needs_input_grad[i] and cfg["grad"] for i in range(3)]
-        need_any = any(need)
-        decomposable = cfg["loss_type"] not in _COUPLED
-        ends = pair_end.tolist()
-        starts = [0] + ends[:-1]
-        largest = max((e - s for s, e in zip(starts, ends)), default=0)
-        chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, largest, decomposable and need_any)
-        aligned = largest <= chunk
-        # One pass (gradients in the forward) when the pairs decompose and either every pair fits in a chunk
-        # or the open pair's deferred weight gradients (2 x [V, H] fp32) cost at most 4 chunk buffers.
-        one_pass = need_any and decomposable and (aligned or not need[1] or 2 * hidden.shape[-1] <= 4 * chunk)
-        plan = _chunks(ends, chunk, aligned and decomposable)
-        kw = dict(temperature=1.0, softcap=0.0, ignore_index=cfg["ignore_index"])
-
-        chosen_tokens = lengths[:B].sum().clamp(min=1)
-        seq_logps = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        grads = HeadGrads(h, weight, bias, need)
-        buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
-        chosen_len = lengths[:B].tolist()
-        deferred = _DeferredPair(grads) if one_pass and not aligned else None
-        done = 0  # pairs whose coefficients are applied
-        for s, e in plan:
-            z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
-            lp, ls, _ = ops.row_forward(z, y[s:e], **kw)
-            lse[s:e] = ls
-            seq_logps.index_add_(0, seq[s:e], lp)
-            if not one_pass:
-                continue
-            complete = done
-            while complete < B and ends[complete] <= e:
-                complete += 1
-            if complete > done:
-                pairs = torch.arange(done, complete, device=h.device)
-                c = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, torch.cat([pairs, pairs + B]))
-            else:  # the chunk lies inside one open pair
-                c = torch.zeros_like(seq_logps)
-            rows = seq[s:e]
-            # Tokens of the pair still open at e get coefficient 1: their gradient is scaled when it completes.
-            coef = torch.where(rows % B < complete, c[rows], torch.ones_like(c[rows]))
-            g = gbuf[: e - s]
-            ops.row_backward(z, y[s:e], ls, None, coef, None, g, **kw)
-            open_from = max(s, starts[complete]) if complete < B and starts[complete] < e else e
-            if deferred is not None and deferred.start is not None and complete > done:
-                p = done  # the pair left open by the previous chunk completes in this one
-                deferred.settle(s, c[seq[deferred.start:s]], c[p], c[p + B])
-            grads.add(g[: open_from - s], s, open_from)
-            if open_from < e:
-                chosen_end = starts[complete] + chosen_len[complete]  # the open pair's rejected rows start here
-                deferred.add(g[open_from - s:], open_from, e, min(e, max(open_from, chosen_end)))
-            done = complete
-        if need_any and not one_pass:
-            coef = _sequence_grads(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B, None)
-            for s, e in plan:
-                z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
-                g = gbuf[: e - s]
-                ops.row_backward(z, y[s:e], lse[s:e], None, coef[seq[s:e]], None, g, **kw)
-                grads.add(g, s, e)
-        out = _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B)
-        gh, gw, gb = grads.result(hidden.reshape(-1, hidden.shape[-1]), order)
-        gh = None if gh is None else gh.view(hidden.shape)
-        ctx.save_for_backward(gh, gw, gb)
+        seq_logps, lengths, chosen_tokens, grads = dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need)
+        out = _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg)
+        ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(*out[1:])
         return out
 
@@ -190,8 +199,9 @@ def _auto_chunk(n, V, hidden, largest, one_pass_possible):
     return base
 
 
-def _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg, B):
-    """(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) and the metrics dict."""
+def _loss(seq_logps, ref_logps, lengths, chosen_tokens, cfg):
+    """(loss, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps)."""
+    B = seq_logps.shape[0] // 2
     out = _preference(seq_logps, ref_logps, lengths, cfg, B, None)
     loss = out.loss
     if cfg["nll_coef"]:
@@ -252,8 +262,11 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     per token, not 4); larger pairs defer the gradients of the pair open at a chunk's end (module
     docstring), or, when H > 2 x chunk_size, take two passes. Returns a PreferenceOutput whose metrics also
     hold the per-sequence ``chosen_logps`` and ``rejected_logps`` [B]. Without grad (eval) no gradient work
-    is done.
+    is done. The heads may be sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3), gathered for the call as
+    in ``linear_logprobs``.
     """
+    # A sharded reference head is gathered by linear_logprobs, which runs it without grad.
+    weight, bias = gathered("weight", weight), gathered("bias", bias)
     check_float("hidden", hidden, dim=3)
     check_float("weight", weight, dim=2)
     if hidden.shape[0] % 2:
@@ -293,12 +306,17 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         ref_logps = ref_tok.sum(1)
     cfg = dict(beta=beta, loss_type=loss_type, divergence=divergence, label_smoothing=label_smoothing,
                nll_coef=nll_coef, reduction=reduction, ignore_index=int(ignore_index), chunk_size=chunk_size,
-               backend=_backends.resolve(backend, hidden.device), params=params, grad=torch.is_grad_enabled())
+               backend=resolve(backend, hidden.device), params=params, grad=torch.is_grad_enabled())
     # Validates every loss option on small vectors before any matmul runs.
     lengths = (labels != ignore_index).sum(1)
     probe = torch.zeros(2 * B, device=hidden.device)
     _preference(probe, None if ref_logps is None else probe, lengths, cfg, B, None)
-    loss, rw, rl, cw, cl = _LinearDPOFunction.apply(hidden, weight, bias, labels, ref_logps, cfg)
+    if compiling():
+        from fastpref.ops import _library
+
+        loss, rw, rl, cw, cl = _library.linear_dpo(hidden, weight, bias, labels, ref_logps, cfg)
+    else:
+        loss, rw, rl, cw, cl = _LinearDPOFunction.apply(hidden, weight, bias, labels, ref_logps, cfg)
     metrics = _preference(torch.cat([cw, cl]), ref_logps, lengths, cfg, B, None).metrics
     metrics.update(chosen_logps=cw, rejected_logps=cl)
     return PreferenceOutput(loss, rw, rl, metrics)

@@ -8,9 +8,13 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.distributed as dist
 
 from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+from fastpref.ops import compiling, resolve
+from fastpref.ops._sharded import gathered
+from fastpref.ops._vocab_parallel import LOCAL_IGNORE, VocabShard, first_column, fix_first_column, group_size
 
 
 def _f32(g):
@@ -34,47 +38,74 @@ def _row_pieces(x: torch.Tensor) -> list[torch.Tensor]:
     return [x.contiguous().view(-1, V)]
 
 
+def token_forward(logits, labels, temperature, ignore_index, with_entropy, backend, group=None):
+    """(logp [labels.shape], lse [N], entropy [labels.shape] or None): the forward of ``token_logprobs``, for
+    its autograd Function and its compiled op (``ops/_library.py``). ``group``: vocabulary-parallel shard."""
+    ops = _backends.row_kernels(backend, "logprobs")
+    y = labels.reshape(-1)
+    shard = None if group is None else VocabShard(y, logits.shape[-1], ignore_index, group)
+    kw = dict(temperature=temperature, softcap=0.0, ignore_index=ignore_index if shard is None else LOCAL_IGNORE)
+    yk = y if shard is None else shard.labels
+    outs, start = [], 0
+    for x in _row_pieces(logits):
+        n = x.shape[0]
+        outs.append(ops.row_forward(x, yk[start:start + n], with_entropy=with_entropy, **kw))
+        start += n
+    logp = torch.cat([o[0] for o in outs])
+    lse = torch.cat([o[1] for o in outs])
+    entropy = torch.cat([o[2] for o in outs]) if with_entropy else None
+    if shard is not None:
+        logp, lse, entropy = shard.combine(logp, lse, entropy)
+    return logp.view(labels.shape), lse, None if entropy is None else entropy.view(labels.shape)
+
+
+def token_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, temperature, ignore_index, backend,
+                   group=None):
+    """The gradient of ``token_logprobs`` w.r.t. the logits (their dtype), given the forward's lse and entropy."""
+    ops = _backends.row_kernels(backend, "logprobs")
+    V = logits.shape[-1]
+    y = labels.reshape(-1)
+    gl, gh = _f32(grad_logp), _f32(grad_entropy)
+    gl = None if gl is None else gl.view(-1)
+    gh = None if gh is None else gh.view(-1)
+    ent = None if entropy is None or gh is None else entropy.reshape(-1)
+    shard = None if group is None else VocabShard(y, V, ignore_index, group)
+    kw = dict(temperature=temperature, softcap=0.0, ignore_index=ignore_index if shard is None else LOCAL_IGNORE)
+    yk = y if shard is None else shard.labels
+    # The gradient comes back in the logits' dtype, written by the kernel row by row: no fp32 copy.
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    rows = grad.view(-1, V)
+    pieces = _row_pieces(logits)
+    start = 0
+    for x in pieces:
+        sl = slice(start, start + x.shape[0])
+        ops.row_backward(x, yk[sl], lse[sl], ent[sl] if ent is not None else None,
+                         gl[sl] if gl is not None else None, gh[sl] if gh is not None else None,
+                         rows[sl], **kw)
+        start = sl.stop
+    if shard is not None:
+        x0 = torch.cat([first_column(x) for x in pieces])
+        fix_first_column(rows, x0, shard.keep & ~shard.owned, lse, ent, gl, gh, temperature=temperature, softcap=0.0)
+    return grad
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend):
-        ops = _backends.row_kernels(backend, "logprobs")
-        kw = dict(temperature=temperature, softcap=0.0, ignore_index=ignore_index)
-        y = labels.reshape(-1)
-        outs, start = [], 0
-        for x in _row_pieces(logits):
-            n = x.shape[0]
-            outs.append(ops.row_forward(x, y[start:start + n], with_entropy=with_entropy, **kw))
-            start += n
-        logp = torch.cat([o[0] for o in outs]).view(labels.shape)
-        lse = torch.cat([o[1] for o in outs])
-        entropy = torch.cat([o[2] for o in outs]).view(labels.shape) if with_entropy else None
-        ctx.save_for_backward(logits, y, lse, entropy)
-        ctx.kw, ctx.backend = kw, backend
+    def forward(ctx, logits, labels, temperature, ignore_index, with_entropy, backend, group):
+        logp, lse, entropy = token_forward(logits, labels, temperature, ignore_index, with_entropy, backend, group)
+        ctx.save_for_backward(logits, labels, lse, entropy)
+        ctx.args = temperature, ignore_index, backend, group
         ctx.set_materialize_grads(False)
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
-        logits, y, lse, entropy = ctx.saved_tensors
-        ops = _backends.row_kernels(ctx.backend, "logprobs")
-        gl, gh = _f32(grad_logp), _f32(grad_entropy)
-        gl = None if gl is None else gl.view(-1)
-        gh = None if gh is None else gh.view(-1)
-        ent = None if entropy is None or gh is None else entropy.view(-1)
-        # The gradient comes back in the logits' dtype, written by the kernel row by row: no fp32 copy.
-        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        rows = grad.view(-1, logits.shape[-1])
-        start = 0
-        for x in _row_pieces(logits):
-            sl = slice(start, start + x.shape[0])
-            ops.row_backward(x, y[sl], lse[sl], ent[sl] if ent is not None else None,
-                             gl[sl] if gl is not None else None, gh[sl] if gh is not None else None,
-                             rows[sl], **ctx.kw)
-            start = sl.stop
-        return grad, None, None, None, None, None
+        logits, labels, lse, entropy = ctx.saved_tensors
+        return token_backward(logits, labels, lse, entropy, grad_logp, grad_entropy, *ctx.args), *[None] * 6
 
 
-def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return_entropy=False, backend="auto"):
+def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return_entropy=False, backend="auto",
+                   process_group=None):
     """Per-token log-probability of ``labels`` under ``softmax(logits / temperature)``.
 
     Args:
@@ -85,6 +116,11 @@ def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return
         return_entropy: also return the entropy H = lse(z) - sum_v p_v z_v of each position (0 where ignored),
             differentiable.
         backend: "auto", "triton", "cpu" or "torch" (see ``fastpref.backends()``).
+        process_group: vocabulary parallelism (Megatron layout): ``logits`` [..., V_local] is this rank's
+            shard, vocabulary ids [rank * V_local, (rank + 1) * V_local) of V = V_local * group size (every
+            rank holds the same V_local), and ``labels`` are global ids, the same on every rank. The results
+            are the full-vocabulary ones on every rank (two all-reduces of [N] vectors in the forward, none in
+            the backward); the gradient is that of this rank's shard.
 
     Returns:
         float32 ``logp`` of shape ``labels.shape``, or ``(logp, entropy)``. Gradients to ``logits`` come back
@@ -95,11 +131,16 @@ def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return
         raise ValueError("logits must have a non-empty vocabulary dimension, got shape "
                          f"{tuple(logits.shape)}")
     check_same_device(logits=logits, labels=labels)
-    check_labels(labels, logits.shape[:-1], logits.shape[-1], ignore_index)
+    ranks = 1 if process_group is None else group_size(process_group)
+    check_labels(labels, logits.shape[:-1], logits.shape[-1] * ranks, ignore_index)
     check_positive("temperature", temperature)
-    name = _backends.resolve(backend, logits.device)
-    return TokenLogprobsFunction.apply(logits, labels, float(temperature), int(ignore_index),
-                                       bool(return_entropy), name)
+    name = resolve(backend, logits.device)
+    args = (logits, labels, float(temperature), int(ignore_index), bool(return_entropy), name)
+    if compiling() and process_group is None:
+        from fastpref.ops import _library
+
+        return _library.token_logprobs(*args)
+    return TokenLogprobsFunction.apply(*args, process_group)
 
 
 # Chunk buffers target this many bytes of logits (plus their gradient when it has another dtype).
@@ -225,64 +266,98 @@ def scale_head_grads(grad, grads):
     return tuple(None if t is None else t * grad.to(t.dtype) for t in grads)
 
 
+def linear_forward(hidden, weight, bias, labels, temperature, softcap, ignore_index, with_entropy, chunk_size,
+                   backend, group=None):
+    """(logp [N], lse [N], entropy [N] or None, chunk): the forward of ``linear_logprobs`` on hidden [N, H] and
+    labels [N], for its autograd Function and its compiled op. It keeps only lse (and entropy) per token."""
+    ops = _backends.row_kernels(backend, "logprobs")
+    N, V = hidden.shape[0], weight.shape[0]
+    rows = _kept_rows(labels, ignore_index)
+    shard = None if group is None else VocabShard(labels, V, ignore_index, group)
+    kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index if shard is None else LOCAL_IGNORE)
+    y = labels if shard is None else shard.labels
+    y = y if rows is None else y.index_select(0, rows)
+    n = y.shape[0]
+    chunk = chunk_size or auto_chunk_size(n, V, hidden)
+    logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros_like(logp)
+    entropy = torch.zeros_like(logp) if with_entropy else None
+    buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
+    hbuf = row_buffer(rows, min(chunk, n), hidden)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = _chunk_logits(gather_rows(hidden, rows, s, e, hbuf), weight, bias, buf[: e - s])
+        lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
+        idx = rows[s:e] if rows is not None else slice(s, e)
+        logp[idx], lse[idx] = lp, ls
+        if with_entropy:
+            entropy[idx] = en
+    if shard is not None:
+        logp, lse, entropy = shard.combine(logp, lse, entropy)
+    return logp, lse, entropy, chunk
+
+
+def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, need, temperature,
+                    softcap, ignore_index, chunk, backend, group=None):
+    """(grad hidden, grad weight, grad bias) of ``linear_logprobs``, None where ``need`` (3 bools) is False:
+    each chunk's logits are recomputed, ``chunk`` rows at a time (None: ``auto_chunk_size``). With ``group``,
+    the hidden gradient is summed over the group (the hidden states are replicated on its ranks, each of which
+    holds a slice of the head)."""
+    ops = _backends.row_kernels(backend, "logprobs")
+    V = weight.shape[0]
+    rows = _kept_rows(labels, ignore_index)
+    pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t.index_select(0, rows))
+    shard = None if group is None else VocabShard(labels, V, ignore_index, group)
+    kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index if shard is None else LOCAL_IGNORE)
+    y = pick(labels if shard is None else shard.labels)
+    fix = None if shard is None else pick(shard.keep & ~shard.owned)
+    gl, gh = pick(_f32(grad_logp)), pick(_f32(grad_entropy))
+    lse = pick(lse)
+    ent = pick(entropy) if gh is not None else None
+
+    grads = HeadGrads(hidden, weight, bias, need, rows=rows)
+    n = y.shape[0]
+    chunk = min(chunk or auto_chunk_size(n, V, hidden), max(n, 1))
+    buf, gbuf = chunk_buffers(chunk, V, hidden)
+    hbuf = row_buffer(rows, chunk, hidden)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        hc = grads.gather(s, e, hbuf)
+        z = _chunk_logits(hc, weight, bias, buf[: e - s])
+        x0 = None if shard is None else first_column(z)  # before the kernel overwrites z (g may alias it)
+        g = gbuf[: e - s]
+        ops.row_backward(z, y[s:e], lse[s:e], None if ent is None else ent[s:e],
+                         None if gl is None else gl[s:e], None if gh is None else gh[s:e], g, **kw)
+        if shard is not None:
+            fix_first_column(g, x0, fix[s:e], lse[s:e], None if ent is None else ent[s:e],
+                             None if gl is None else gl[s:e], None if gh is None else gh[s:e],
+                             temperature=temperature, softcap=softcap)
+        grads.add(g, s, e, hc)
+    result = grads.result(hidden, rows)
+    if shard is not None and result[0] is not None:
+        dist.all_reduce(result[0], group=group)
+    return result
+
+
 class LinearLogprobsFunction(torch.autograd.Function):
     """Forward keeps only lse (and entropy) per token; backward recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, softcap, ignore_index, with_entropy, chunk_size,
-                backend):
-        ops = _backends.row_kernels(backend, "logprobs")
-        kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index)
-        N, V = hidden.shape[0], weight.shape[0]
-        rows = _kept_rows(labels, ignore_index)
-        y = labels if rows is None else labels.index_select(0, rows)
-        n = y.shape[0]
-        chunk = chunk_size or auto_chunk_size(n, V, hidden)
-        logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
-        lse = torch.zeros_like(logp)
-        entropy = torch.zeros_like(logp) if with_entropy else None
-        buf = torch.empty(min(chunk, n), V, dtype=_logits_dtype(hidden), device=hidden.device)
-        hbuf = row_buffer(rows, min(chunk, n), hidden)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            z = _chunk_logits(gather_rows(hidden, rows, s, e, hbuf), weight, bias, buf[: e - s])
-            lp, ls, en = ops.row_forward(z, y[s:e], with_entropy=with_entropy, **kw)
-            idx = rows[s:e] if rows is not None else slice(s, e)
-            logp[idx], lse[idx] = lp, ls
-            if with_entropy:
-                entropy[idx] = en
+                backend, group):
+        logp, lse, entropy, chunk = linear_forward(hidden, weight, bias, labels, temperature, softcap, ignore_index,
+                                                   with_entropy, chunk_size, backend, group)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
-        ctx.kw, ctx.backend, ctx.chunk = kw, backend, chunk
+        ctx.args = temperature, softcap, ignore_index, chunk, backend, group
         ctx.set_materialize_grads(False)
         return (logp, entropy) if with_entropy else logp
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
-        ops = _backends.row_kernels(ctx.backend, "logprobs")
-        V = weight.shape[0]
-        rows = _kept_rows(labels, ctx.kw["ignore_index"])
-        pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t.index_select(0, rows))
-        y = pick(labels)
-        gl, gh = pick(_f32(grad_logp)), pick(_f32(grad_entropy))
-        lse = pick(lse)
-        ent = pick(entropy) if gh is not None else None
-
-        grads = HeadGrads(hidden, weight, bias, ctx.needs_input_grad[:3], rows=rows)
-        n = y.shape[0]
-        chunk = min(ctx.chunk, max(n, 1))
-        buf, gbuf = chunk_buffers(chunk, V, hidden)
-        hbuf = row_buffer(rows, chunk, hidden)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            hc = grads.gather(s, e, hbuf)
-            z = _chunk_logits(hc, weight, bias, buf[: e - s])
-            g = gbuf[: e - s]
-            ops.row_backward(z, y[s:e], lse[s:e], None if ent is None else ent[s:e],
-                             None if gl is None else gl[s:e], None if gh is None else gh[s:e], g, **ctx.kw)
-            grads.add(g, s, e, hc)
-        return (*grads.result(hidden, rows),
-                None, None, None, None, None, None, None)
+        grads = linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy,
+                                ctx.needs_input_grad[:3], *ctx.args)
+        return *grads, *[None] * 8
 
 
 def _kept_rows(labels, ignore_index):
@@ -297,7 +372,7 @@ def _kept_rows(labels, ignore_index):
 
 
 def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, temperature=1.0, softcap=None,
-                    return_entropy=False, chunk_size=None, backend="auto"):
+                    return_entropy=False, chunk_size=None, backend="auto", process_group=None):
     """Per-token log-probs (and entropy) of ``labels`` under ``softmax(head(hidden))``, never holding [N, V].
 
     logits = softcap(hidden @ weight.T + bias) / temperature, where softcap(x) = c * tanh(x / c) (Gemma-style,
@@ -310,12 +385,21 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, tem
         chunk_size: token rows per chunk; default chosen from V and the device's (free) memory, see
             ``auto_chunk_size``. Peak extra memory is O(chunk_size * V + N).
         backend: "auto", "triton", "cpu" or "torch" for the row kernel run on each chunk.
+        process_group: vocabulary parallelism (Megatron layout, as in ``token_logprobs``): ``weight`` [V_local, H]
+            (and ``bias``) hold this rank's vocabulary rows, ``hidden`` and ``labels`` (global ids) are the same on
+            every rank. The results are the full-vocabulary ones; the hidden gradient is summed over the group
+            (one all-reduce in the backward), the weight and bias gradients are this rank's rows.
+
+    ``weight`` (and ``bias``) may be sharded parameters (``fastpref.ops._sharded.gathered``): an FSDP2 DTensor
+    is gathered for the call and its gradient reduce-scattered back to the shards (averaged over the mesh, as
+    FSDP2 does); a DeepSpeed ZeRO-3 parameter is gathered when it needs no gradient.
 
     The forward keeps only the log-sum-exp (and entropy) per token; the backward recomputes each chunk's
     logits (4 matmuls in all against 3 for the naive path, in exchange for the memory). Ignored tokens are
     dropped before any matmul. Gradients flow to hidden, weight and bias; the weight and bias gradients are
     accumulated in fp32 and returned in their dtype.
     """
+    weight, bias = gathered("weight", weight), gathered("bias", bias)
     check_float("hidden", hidden, min_dim=1)
     check_float("weight", weight, dim=2)
     check_same_device(hidden=hidden, weight=weight, labels=labels, bias=bias)
@@ -333,15 +417,21 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, tem
             raise ValueError(f"bias must have shape [{V}], got {tuple(bias.shape)}")
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias dtype {bias.dtype} must match hidden dtype {hidden.dtype}")
-    check_labels(labels, hidden.shape[:-1], V, ignore_index)
+    ranks = 1 if process_group is None else group_size(process_group)
+    check_labels(labels, hidden.shape[:-1], V * ranks, ignore_index)
     check_positive("temperature", temperature)
     check_positive("softcap", softcap, allow_none=True)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = _backends.resolve(backend, hidden.device)
-    out = LinearLogprobsFunction.apply(hidden.reshape(-1, H), weight, bias, labels.reshape(-1), float(temperature),
-                                       float(softcap or 0.0), int(ignore_index), bool(return_entropy), chunk_size,
-                                       name)
+    name = resolve(backend, hidden.device)
+    args = (hidden.reshape(-1, H), weight, bias, labels.reshape(-1), float(temperature), float(softcap or 0.0),
+            int(ignore_index), bool(return_entropy), chunk_size, name)
+    if compiling() and process_group is None:
+        from fastpref.ops import _library
+
+        out = _library.linear_logprobs(*args)
+    else:
+        out = LinearLogprobsFunction.apply(*args, process_group)
     if return_entropy:
         return out[0].view(labels.shape), out[1].view(labels.shape)
     return out.view(labels.shape)

@@ -26,7 +26,8 @@ class PolicyOutput(NamedTuple):
 def _check_number(name, value, *, low=0.0, allow_none=False, strict=True):
     if value is None and allow_none:
         return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    # Not math.isfinite: see _validate.check_positive.
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < math.inf
     if not ok or (value <= low if strict else value < low):
         raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
@@ -163,9 +164,12 @@ def policy_metrics(pieces, mask):
     mean = (lambda t: (t.float() * m).sum() / n)
     out = {"clip_ratio/low": mean(pieces["low"]), "clip_ratio/high": mean(pieces["high"]),
            "clip_ratio/region": mean(pieces["low"] | pieces["high"]), "ratio/mean": mean(pieces["ratio"])}
-    if mask.any():
-        r = pieces["ratio"][mask]
-        out.update({"ratio/min": r.min(), "ratio/max": r.max()})
+    # Masked reductions, not ratio[mask] (a data-dependent shape). Under torch.compile the keys are always there
+    # (testing for an unmasked token would break the graph): inf and -inf when every token is masked.
+    if torch.compiler.is_compiling() or bool(mask.any()):
+        r = pieces["ratio"]
+        out.update({"ratio/min": torch.where(mask, r, math.inf).amin(),
+                    "ratio/max": torch.where(mask, r, -math.inf).amax()})
     if "dual" in pieces:
         out["clip_ratio/dual"] = mean(pieces["dual"])
     for key in ("kl", "entropy"):
@@ -202,7 +206,8 @@ def ppo_loss(logp, old_logp, advantages, mask, *, clip_low=0.2, clip_high=None, 
     The log-ratio is clamped to [-20, 20] before the exp. Returns ``PolicyOutput(loss, metrics)`` with
     metrics ``clip_ratio/low``, ``clip_ratio/high``, ``clip_ratio/region`` (TRL's definitions: the ratio is
     past the bound on the side that clips for the advantage's sign), ``clip_ratio/dual``, ``ratio/mean``,
-    ``ratio/min``, ``ratio/max``, ``kl``, ``entropy`` (token means; the last two when given).
+    ``ratio/min``, ``ratio/max``, ``kl``, ``entropy`` (token means; the last two when given). ``ratio/min``
+    and ``ratio/max`` are left out when every token is masked, except under torch.compile (inf and -inf then).
     """
     if not isinstance(logp, torch.Tensor) or not logp.dtype.is_floating_point:
         raise TypeError(f"logp must be a floating-point torch.Tensor, got "

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fastpref import _backends, divergences
+from fastpref.ops import compiling, resolve
 
 
 class PreferenceOutput(NamedTuple):
@@ -91,6 +92,12 @@ class _PairwiseLoss(torch.autograd.Function):
         return (*grads, None, None)
 
 
+def _kernel_path(backend):
+    """Whether the pairwise kernel runs: on triton, and not under torch.compile, which fuses the torch formulas
+    itself (and cannot trace the kernel's autograd Function)."""
+    return backend == "triton" and not compiling()
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
@@ -122,12 +129,14 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     tensors when Triton is installed) the types in ``PAIRWISE_TYPES`` (all but aot, aot_unpaired and orpo)
     run as one kernel launch that computes each pair's loss with its gradients, and the backward only
     scales them (not twice differentiable). Everything else takes the torch path, autograd through torch
-    ops: the other backends, aot, aot_unpaired and orpo, and reference log-probs that require grad (the
-    kernel differentiates in the policy's log-probs only). Losses, rewards and metrics agree either way.
+    ops: the other backends, aot, aot_unpaired and orpo, reference log-probs that require grad (the
+    kernel differentiates in the policy's log-probs only), and calls under torch.compile (Inductor fuses the
+    formulas itself). Losses, rewards and metrics agree either way.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not math.isfinite(beta) or beta <= 0:
+    # Not math.isfinite: see _validate.check_positive.
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not abs(beta) < math.inf or beta <= 0:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
@@ -137,7 +146,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     _check_vector("chosen_logps", chosen_logps)
     _check_vector("rejected_logps", rejected_logps, chosen_logps)
-    name = _backends.resolve(backend, chosen_logps.device)
+    name = resolve(backend, chosen_logps.device)
     own = dict(_PARAMS.get(loss_type, {}))
     for k in list(params):
         if k in own:
@@ -168,7 +177,8 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
             raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
         _check_vector("ref_chosen_logps", ref_chosen_logps, chosen_logps)
         _check_vector("ref_rejected_logps", ref_rejected_logps, chosen_logps)
-    fused = name == "triton" and loss_type in PAIRWISE_TYPES and not _needs_grad(ref_chosen_logps, ref_rejected_logps)
+    fused = _kernel_path(name) and loss_type in PAIRWISE_TYPES and not _needs_grad(ref_chosen_logps,
+                                                                                   ref_rejected_logps)
     eps = label_smoothing
     # The kernel path takes the gradients from its kernel: the rewards below need no graph.
     cw, cl = (chosen_logps.detach().float(), rejected_logps.detach().float()) if fused else \
@@ -270,14 +280,14 @@ def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, r
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(center_coef, (int, float)) or center_coef < 0:
         raise ValueError(f"center_coef must be a number >= 0, got {center_coef!r}")
-    name = _backends.resolve(backend, chosen_rewards.device)
+    name = resolve(backend, chosen_rewards.device)
     # A Python number stays a number (the kernel's scalar; no host-to-device copy), anything else a tensor.
     if margin is not None and not isinstance(margin, (int, float)):
         margin = torch.as_tensor(margin, device=chosen_rewards.device, dtype=torch.float32)
         if margin.dim() > 0 and margin.shape != chosen_rewards.shape:
             raise ValueError(f"margin must be a scalar or of shape {tuple(chosen_rewards.shape)}, "
                              f"got {tuple(margin.shape)}")
-    if name == "triton" and not _needs_grad(margin):
+    if _kernel_path(name) and not _needs_grad(margin):
         kernel = functools.partial(_backends.row_kernels(name, "pairwise").pair_forward, loss_type="bt",
                                    margin=margin, center_coef=center_coef)
         loss = _PairwiseLoss.apply(chosen_rewards, rejected_rewards, reduction, kernel)
