@@ -5,11 +5,11 @@ implements the row-kernel contracts of ``fastpref.kernels.reference`` (``row_*``
 ``div_*`` for divergences, ``pair_forward`` for the pairwise preference losses);
 the ops in ``fastpref.ops`` do the chunking, the matmuls and the autograd around it.
 
-``auto``: CUDA tensors -> triton (cuda when triton is missing, torch when neither is usable); CPU tensors
--> cpu (native C++) when the extension is built, else torch. The CUDA C++ kernels (``cuda``) are only picked
-by ``auto`` without triton for now: choosing them per op where they beat triton waits for GPU measurements
-(``benchmarks/gpu_check``). Under ``TRITON_INTERPRET=1`` the triton backend also accepts CPU tensors,
-which is how the test-suite runs the Triton kernels without a GPU; ``auto`` never picks the interpreter.
+``auto``: CUDA tensors -> the faster of triton and cuda for the op's row-kernel family, as measured on an
+H200 (``AUTO_CUDA``; the other one when it is missing, torch when neither is usable); CPU tensors -> cpu
+(native C++) when the extension is built, else torch. Under ``TRITON_INTERPRET=1`` the triton backend also
+accepts CPU tensors, which is how the test-suite runs the Triton kernels without a GPU; ``auto`` never picks
+the interpreter.
 """
 from __future__ import annotations
 
@@ -100,16 +100,23 @@ _MODULES = {
 }
 
 
-def resolve(backend: str, device: torch.device) -> str:
-    """The concrete backend name for ``backend`` on tensors of ``device``; raises a clear error if unusable."""
+# ``auto``'s order of preference on CUDA tensors, per row-kernel family. An H200, bf16, N = 8192, V = 128256
+# (benchmarks/NOTES.md "GPU"): the CUDA C++ log-prob kernels took 0.674 ms forward and 1.768 ms
+# forward+backward against Triton's 0.816 and 1.926; Triton's divergence kernels 1.386 and 2.865 against
+# 1.456 and 3.088. There is no CUDA C++ pairwise kernel.
+AUTO_CUDA = {"logprobs": ("cuda", "triton"), "divergence": ("triton", "cuda"), "pairwise": ("triton",)}
+
+
+def resolve(backend: str, device: torch.device, family: str) -> str:
+    """The concrete backend name for ``backend`` on tensors of ``device``; raises a clear error if unusable.
+
+    ``family`` is the row-kernel family the op runs ("logprobs", "divergence" or "pairwise"): what ``auto``
+    picks on CUDA."""
     if backend not in ("auto",) + NAMES:
         raise ValueError(f"backend must be one of {('auto',) + NAMES}, got {backend!r}")
     if backend == "auto":
         if device.type == "cuda":
-            # Per-op choice of cuda where it beats triton: pending GPU measurements (benchmarks/gpu_check).
-            if _INFO["triton"]().available:
-                return "triton"
-            return "cuda" if _INFO["cuda"]().available else "torch"
+            return next((name for name in AUTO_CUDA[family] if _INFO[name]().available), "torch")
         if device.type == "cpu" and _INFO["cpu"]().available:
             return "cpu"
         return "torch"

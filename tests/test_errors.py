@@ -84,6 +84,27 @@ def test_backend_errors(logits, labels, monkeypatch):
             fastpref.token_logprobs(logits, labels, backend="triton")
 
 
+def test_auto_on_cuda_takes_the_measured_order(monkeypatch):
+    """auto on CUDA tensors: cuda then triton for the log-probs, triton then cuda for the divergences, triton for
+    the pairwise losses, torch when none is usable (resolve only looks at the device's type)."""
+    from fastpref import _backends
+
+    def pretend(*usable):
+        for name in ("triton", "cuda"):
+            monkeypatch.setitem(_backends._INFO, name, lambda ok=name in usable: _backends.BackendInfo(ok, "pretend"))
+
+    gpu = torch.device("cuda")
+    pretend("triton", "cuda")
+    assert [_backends.resolve("auto", gpu, f) for f in ("logprobs", "divergence", "pairwise")] == \
+        ["cuda", "triton", "triton"]
+    pretend("triton")
+    assert _backends.resolve("auto", gpu, "logprobs") == "triton"
+    pretend("cuda")
+    assert [_backends.resolve("auto", gpu, f) for f in ("divergence", "pairwise")] == ["cuda", "torch"]
+    pretend()
+    assert _backends.resolve("auto", gpu, "logprobs") == "torch"
+
+
 def test_backends_report_reasons():
     infos = fastpref.backends()
     assert set(infos) == {"triton", "cuda", "cpu", "torch"}

@@ -17,10 +17,10 @@ def compiling() -> bool:
     return _CUSTOM_OPS and torch.compiler.is_compiling()
 
 
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, family: str) -> str:
     """``_backends.resolve``; under torch.compile, a constant of its arguments (``_library.resolve``)."""
     if compiling():
         from fastpref.ops import _library
 
-        return _library.resolve(backend, device)
-    return _backends.resolve(backend, device)
+        return _library.resolve(backend, device, family)
+    return _backends.resolve(backend, device, family)

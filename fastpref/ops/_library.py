@@ -32,10 +32,10 @@ _F32 = torch.float32
 
 
 @torch.compiler.assume_constant_result
-def resolve(backend: str, device: torch.device) -> str:
+def resolve(backend: str, device: torch.device, family: str) -> str:
     """``_backends.resolve`` as torch.compile sees it: a constant of its arguments (tracing it would break the graph
     at the compiled extension's ``build_info``). Here, not in ``fastpref.ops``: the decorator imports Dynamo."""
-    return _backends.resolve(backend, device)
+    return _backends.resolve(backend, device, family)
 
 
 def _or_empty(t, like):

@@ -106,7 +106,7 @@ def token_divergence(logits, ref_logits, *, divergence="reverse_kl", labels=None
     ranks = 1 if process_group is None else group_size(process_group)
     kw = _check_common(divergence, params, labels, logits.shape[:-1], logits.shape[-1] * ranks, ignore_index,
                        temperature, logits.device, logits=logits, ref_logits=ref_logits)
-    name = resolve(backend, logits.device)
+    name = resolve(backend, logits.device, "divergence")
     if compiling() and process_group is None:
         from fastpref.ops import _library
 
@@ -241,7 +241,7 @@ def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergenc
                        bias=bias, ref_bias=ref_bias)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = resolve(backend, hidden.device)
+    name = resolve(backend, hidden.device, "divergence")
     args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
             ref_weight, ref_bias, None if labels is None else labels.reshape(-1), kw, chunk_size, name)
     if compiling():

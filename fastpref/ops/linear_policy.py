@@ -163,7 +163,7 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
         kl=probe if divergence is not None else None, entropy=probe if with_entropy else None,
         clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_estimator=kl_estimator,
         entropy_coef=entropy_coef, loss_agg=loss_agg, num_items=num_items, importance=importance)
-    name = resolve(backend, hidden.device)
+    name = resolve(backend, hidden.device, "logprobs")
     y = labels.masked_fill(~mask, ignore_index)
     head = dict(bias=bias, ignore_index=ignore_index, temperature=temperature, chunk_size=chunk_size, backend=name)
 

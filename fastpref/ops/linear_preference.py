@@ -306,7 +306,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         ref_logps = ref_tok.sum(1)
     cfg = dict(beta=beta, loss_type=loss_type, divergence=divergence, label_smoothing=label_smoothing,
                nll_coef=nll_coef, reduction=reduction, ignore_index=int(ignore_index), chunk_size=chunk_size,
-               backend=resolve(backend, hidden.device), params=params, grad=torch.is_grad_enabled())
+               backend=resolve(backend, hidden.device, "logprobs"), params=params,
+               grad=torch.is_grad_enabled())
     # Validates every loss option on small vectors before any matmul runs.
     lengths = (labels != ignore_index).sum(1)
     probe = torch.zeros(2 * B, device=hidden.device)

@@ -134,7 +134,7 @@ def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return
     ranks = 1 if process_group is None else group_size(process_group)
     check_labels(labels, logits.shape[:-1], logits.shape[-1] * ranks, ignore_index)
     check_positive("temperature", temperature)
-    name = resolve(backend, logits.device)
+    name = resolve(backend, logits.device, "logprobs")
     args = (logits, labels, float(temperature), int(ignore_index), bool(return_entropy), name)
     if compiling() and process_group is None:
         from fastpref.ops import _library
@@ -423,7 +423,7 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, tem
     check_positive("softcap", softcap, allow_none=True)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    name = resolve(backend, hidden.device)
+    name = resolve(backend, hidden.device, "logprobs")
     args = (hidden.reshape(-1, H), weight, bias, labels.reshape(-1), float(temperature), float(softcap or 0.0),
             int(ignore_index), bool(return_entropy), chunk_size, name)
     if compiling() and process_group is None:

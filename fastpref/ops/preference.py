@@ -146,7 +146,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     _check_vector("chosen_logps", chosen_logps)
     _check_vector("rejected_logps", rejected_logps, chosen_logps)
-    name = resolve(backend, chosen_logps.device)
+    name = resolve(backend, chosen_logps.device, "pairwise")
     own = dict(_PARAMS.get(loss_type, {}))
     for k in list(params):
         if k in own:
@@ -280,7 +280,7 @@ def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, r
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(center_coef, (int, float)) or center_coef < 0:
         raise ValueError(f"center_coef must be a number >= 0, got {center_coef!r}")
-    name = resolve(backend, chosen_rewards.device)
+    name = resolve(backend, chosen_rewards.device, "pairwise")
     # A Python number stays a number (the kernel's scalar; no host-to-device copy), anything else a tensor.
     if margin is not None and not isinstance(margin, (int, float)):
         margin = torch.as_tensor(margin, device=chosen_rewards.device, dtype=torch.float32)
