@@ -1,4 +1,6 @@
-"""The ``fastpref`` command line: ``fastpref bench [--device cpu|cuda] [--ops ...] [--quick] [--out DIR]``."""
+"""The ``fastpref`` command line: ``fastpref bench [--device cpu|cuda] [--ops ...] [--quick] [--out DIR]`` and
+``fastpref train <trainer> [--config FILE.yaml] [--field value ...]`` (``fastpref/trainers/cli.py``) and
+``fastpref demo [--out DIR] [--quick]`` (``fastpref/trainers/demo/cli.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +34,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fastpref", description="fastpref command line")
     sub = ap.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
-    args = ap.parse_args(argv)
+    from .trainers.cli import add_train_parser
+
+    add_train_parser(sub)
+    from .trainers.demo.cli import add_demo_parser
+
+    add_demo_parser(sub)
+    # `train` takes any config field as a flag (--learning_rate 1e-4): its parser cannot list them all.
+    args, extra = ap.parse_known_args(argv)
+    if extra and args.command != "train":
+        ap.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "train":
+        from .trainers.cli import run as train
+
+        return train(args, extra)
+    if args.command == "demo":
+        from .trainers.demo.cli import run as demo
+
+        return demo(args)
     if args.command == "bench":
         import torch
 
