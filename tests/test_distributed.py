@@ -25,6 +25,9 @@ def _run(rank, worker, store):
     try:
         torch.manual_seed(0)
         worker(rank)
+        # Every rank's collectives finish before either tears the group down: once, in CI, a rank aborted at
+        # exit ("terminate called without an active exception", a gloo thread still running).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
