@@ -160,6 +160,15 @@ def test_first_epoch_runs_on_policy_and_fills_old_logp(tmp_path, tok, task):
     assert all("old_logp" in b for b in trainer.next_micro_batches())  # the second epoch is off-policy
 
 
+def test_value_learning_rate_is_the_value_heads_group(tmp_path, tok, task):
+    trainer = _trainer(tmp_path, tok, task, value_learning_rate=3e-3, weight_decay=0.1)
+    trainer._build_optimizer(trainer.total_steps())
+    *policy, head = trainer.optimizer.param_groups
+    assert head["params"] == list(trainer.value_head.parameters()) and head["lr"] == 3e-3
+    assert [g["weight_decay"] for g in policy] == [0.1, 0.0] and all(g["lr"] == 1e-3 for g in policy)
+    assert sum(len(g["params"]) for g in policy) == len(list(trainer.model.parameters()))
+
+
 # ---- end to end -------------------------------------------------------------------------------------
 def _finite(entry):
     return all(math.isfinite(v) for v in entry.values() if isinstance(v, float))

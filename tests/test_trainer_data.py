@@ -85,6 +85,18 @@ def test_chat_template_for_strings_and_conversations():
         Encoder(tiny_tokenizer(), use_chat_template=True)
 
 
+def test_prompt_alone_is_tokenized_as_in_a_pair():
+    for enc in (Encoder(tiny_tokenizer(), max_prompt_length=3), Encoder(tiny_tokenizer(chat_template=TEMPLATE))):
+        assert enc.prompt("what is the cat", where="x") == enc.pair("what is the cat", "yes", where="x")[0]
+    no_eos = tiny_tokenizer()
+    no_eos.eos_token = None  # pair(prompt, "") fails here (an empty completion); a prompt alone has none
+    assert Encoder(no_eos).prompt("what", where="x") == ids("<s> what")
+    no_bos = tiny_tokenizer()
+    no_bos.backend_tokenizer.post_processor = None
+    with pytest.raises(ValueError, match=r"train_dataset\[2\]: the prompt is empty after tokenization"):
+        Encoder(no_bos).prompt("", where="train_dataset[2]")
+
+
 def test_truncation():
     enc = Encoder(tiny_tokenizer(), max_length=6, max_prompt_length=3)
     p, c = enc.pair("what is the cat", "a red cat sat on the mat", where="x")

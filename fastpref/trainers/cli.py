@@ -5,11 +5,12 @@ The YAML file is a mapping of:
 - ``model``: a transformers model name or path (``from_pretrained``), or a config dict for a model built
   from scratch (``AutoConfig.for_model(**dict)``, e.g. ``{model_type: llama, vocab_size: 300, ...}``);
   the reward trainer loads a sequence classifier with ``num_labels=1``. The other models a trainer takes
-  (``cli_models`` of the trainer class: ``ref_model`` for DPO) are given the same way.
+  (``cli_models`` of the trainer class: ``ref_model`` for DPO; ``ref_model`` and ``reward_model``, a
+  sequence classifier, for PPO) are given the same way.
 - ``tokenizer``: name or path (default: ``model`` when that is a name or path).
 - ``train_dataset`` / ``eval_dataset``: .jsonl/.json paths.
 - ``peft`` (optional): ``peft.LoraConfig`` keyword arguments, applied to ``model``.
-- any field of the trainer's config (``SFTConfig``, ``RewardConfig``, ``DPOConfig``, ...).
+- any field of the trainer's config (``SFTConfig``, ``RewardConfig``, ``DPOConfig``, ``PPOConfig``).
 
 Flags ``--name value`` (or ``--name=value``; ``--name`` alone means true) override the file's keys.
 Strings are converted to the config field's type (``--learning_rate 1e-4``, ``--save_steps none``).
@@ -41,15 +42,20 @@ def available_trainers() -> list[str]:
             if importlib.util.find_spec(target.split(":")[0]) is not None]
 
 
+def _config_name(trainer: str) -> str:
+    """``"dpo"`` -> ``"DPOConfig"``: each trainer class is named like its config."""
+    return TRAINERS[trainer].split(":")[1].replace("Trainer", "Config")
+
+
 def add_train_parser(sub) -> None:
     """The ``train`` subcommand (no heavy imports: ``fastpref bench`` builds the same parser)."""
     names = available_trainers()
     p = sub.add_parser(
         "train", help=f"train a model with a fastpref trainer ({', '.join(names)})",
         description="Train with a fastpref trainer. Settings come from --config FILE.yaml (model, tokenizer, "
-                    "train_dataset, eval_dataset, peft, and any field of the trainer's config) and from "
-                    "--<field> <value> flags, which override the file.",
-        epilog="Config fields: see help(fastpref.trainers.DPOConfig) (likewise SFTConfig, RewardConfig). "
+                    "train_dataset, eval_dataset, peft, ref_model for dpo and ppo, reward_model for ppo, and any "
+                    "field of the trainer's config) and from --<field> <value> flags, which override the file.",
+        epilog=f"Config fields: see help(fastpref.trainers.<Name>) for {', '.join(map(_config_name, names))}. "
                "Put the --<field> flags after the trainer's name.", allow_abbrev=False)
     p.add_argument("trainer", choices=names, help="which trainer")
     p.add_argument("--config", default=None, help="YAML file with the run's settings")

@@ -38,9 +38,11 @@ Everything else comes from ``BaseTrainer``:
   ``no_sync`` during accumulation, without wrapping the model, so that trainers may call its decoder and
   head directly), metrics are averaged, and only rank 0 writes files.
 
-Hooks for other trainers: ``next_micro_batches()`` (e.g. rollouts instead of a dataset),
-``training_step(micro_batches)``, ``on_train_begin()``, ``trainable_named_parameters()`` (e.g. add a value
-head), ``extra_state()`` / ``load_extra_state(state)`` (subclass state saved with torch.save).
+Hooks for other trainers: ``next_micro_batches()`` (e.g. rollouts instead of a dataset) with
+``micro_batches_per_epoch()`` (what an epoch is then), ``training_step(micro_batches)``, ``on_train_begin()``,
+``trainable_named_parameters()`` (e.g. add a value head), ``optimizer_param_groups()`` (e.g. a group with
+its own learning rate; ``weight_decay_groups`` builds the usual ones), ``extra_state()`` /
+``load_extra_state(state)`` (subclass state saved with torch.save).
 """
 from __future__ import annotations
 
@@ -62,7 +64,7 @@ import torch.distributed as dist
 
 from fastpref.integrations.transformers import unwrap
 
-__all__ = ["BaseTrainer", "TrainerConfig", "atomic_directory", "disable_dropout"]
+__all__ = ["BaseTrainer", "TrainerConfig", "atomic_directory", "disable_dropout", "weight_decay_groups"]
 
 _REPORTERS = ("jsonl", "tensorboard", "none")
 
@@ -148,6 +150,13 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+
+
+def weight_decay_groups(params, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: ``weight_decay`` on matrices, none on 1-D parameters (biases, norms)."""
+    params = list(params)
+    return [{"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
 
 
 def _fsync(path: Path) -> None:
@@ -275,6 +284,19 @@ class BaseTrainer:
         """The factor of each micro-batch's loss in the step's loss: 1/k (equal micro-batches)."""
         return [1.0 / len(micro_batches)] * len(micro_batches)
 
+    def micro_batches_per_epoch(self) -> int:
+        """This rank's micro-batches in one epoch: they turn ``num_train_epochs`` into ``total_steps()`` and
+        the step into the logged ``epoch``. By default an epoch is a pass over this rank's shard of the
+        training examples, which the default ``next_micro_batches`` also reads by; a trainer whose
+        ``next_micro_batches`` reads otherwise overrides both."""
+        shard = math.ceil(len(self.train_examples) / self.world_size)
+        return math.ceil(shard / self.args.per_device_train_batch_size)
+
+    def optimizer_param_groups(self) -> list[dict]:
+        """The parameter groups of the default AdamW (``weight_decay_groups`` of the trainable parameters);
+        a group may set its own ``lr`` and other AdamW options."""
+        return weight_decay_groups((p for _, p in self.trainable_named_parameters()), self.args.weight_decay)
+
     # ---- setup --------------------------------------------------------------------------------------
     def _setup_distributed(self):
         use_cuda = torch.cuda.is_available() and not self.args.use_cpu
@@ -308,20 +330,12 @@ class BaseTrainer:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self._steps_per_epoch()))
 
-    def _micro_batches_per_epoch(self) -> int:
-        shard = math.ceil(len(self.train_examples) / self.world_size)
-        return math.ceil(shard / self.args.per_device_train_batch_size)
-
     def _steps_per_epoch(self) -> int:
-        return math.ceil(self._micro_batches_per_epoch() / self.args.gradient_accumulation_steps)
+        return math.ceil(self.micro_batches_per_epoch() / self.args.gradient_accumulation_steps)
 
     def _build_optimizer(self, total: int) -> None:
         if self.optimizer is None:
-            params = [p for _, p in self.trainable_named_parameters()]
-            decay = [p for p in params if p.dim() > 1]
-            groups = [{"params": decay, "weight_decay": self.args.weight_decay},
-                      {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}]
-            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate,
+            self.optimizer = torch.optim.AdamW(self.optimizer_param_groups(), lr=self.args.learning_rate,
                                                betas=(self.args.adam_beta1, self.args.adam_beta2),
                                                eps=self.args.adam_epsilon)
         if self.lr_scheduler is None:
@@ -345,7 +359,7 @@ class BaseTrainer:
     def _train_stream(self, start: int):
         """Collated training micro-batches from the ``start``-th on (so a resumed run reads what the
         uninterrupted one would have)."""
-        per_epoch = self._micro_batches_per_epoch()
+        per_epoch = self.micro_batches_per_epoch()
         bs = self.args.per_device_train_batch_size
         epoch, skip = divmod(start, per_epoch)
         while True:
@@ -503,7 +517,7 @@ class BaseTrainer:
         TensorBoard."""
         entry = {"step": self.step, **metrics}
         if self.train_examples:
-            entry["epoch"] = self.step * self.args.gradient_accumulation_steps / self._micro_batches_per_epoch()
+            entry["epoch"] = self.step * self.args.gradient_accumulation_steps / self.micro_batches_per_epoch()
         self.history.append(entry)
         if not self.is_main or "none" in self.args.report_to:
             return

@@ -3,7 +3,8 @@
 Records come from a list of dicts, a JSONL file (or a JSON file holding a list), or a ``datasets.Dataset``,
 with TRL's column names: ``text`` or ``prompt`` + ``completion`` (or ``messages``) for SFT; ``prompt``,
 ``chosen``, ``rejected`` for preferences (the reward model also takes ``chosen``/``rejected`` alone, and an
-optional ``margin``). Values are strings, or lists of ``{"role", "content"}`` messages (conversational).
+optional ``margin``); ``prompt`` alone for PPO. Values are strings, or lists of ``{"role", "content"}``
+messages (conversational).
 
 Choices where TRL leaves room:
 
@@ -11,7 +12,8 @@ Choices where TRL leaves room:
   Plain-string records use it when ``use_chat_template`` is True, or None (the default) and the tokenizer
   has one: the prompt becomes the user turn and the completion the assistant turn. ``text`` is never
   templated. The completion's tokens are the template's text after the prompt (with its generation
-  prompt), so the end-of-turn tokens are trained.
+  prompt), so the end-of-turn tokens are trained. A prompt alone (``Encoder.prompt``, to generate from)
+  is tokenized as the prompt of a pair.
 - Without a template the prompt is tokenized with the tokenizer's special tokens (BOS) and the completion
   without them, followed by EOS (TRL appends it too); ``text`` gets both.
 - Truncation: a prompt longer than ``max_prompt_length`` keeps its last tokens; a completion is cut to fit
@@ -104,8 +106,12 @@ def _is_conversation(value) -> bool:
     return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
 
 
+def _as_messages(value, role: str) -> list[dict]:
+    return value if _is_conversation(value) else [{"role": role, "content": value}]
+
+
 class Encoder:
-    """Tokenizes prompt/completion pairs and texts the way the module docstring says."""
+    """Tokenizes prompt/completion pairs, prompts alone and texts the way the module docstring says."""
 
     def __init__(self, tokenizer, *, use_chat_template=None, max_length=None, max_prompt_length=None):
         if tokenizer is None:
@@ -141,26 +147,38 @@ class Encoder:
             ids = self._ids(text, special=True) + self._eos()
         return ids[: self.max_length] if self.max_length else ids
 
+    def _prompt(self, prompt, *, templated: bool) -> tuple[str, list[int]]:
+        """(the prompt's text, its ids cut to the last max_prompt_length): the template's user turn with the
+        generation prompt when ``templated``, else the text itself with the special tokens."""
+        if templated:
+            text = self._template(_as_messages(prompt, "user"), add_generation_prompt=True)
+            ids = self._ids(text, special=False)
+        else:
+            text, ids = prompt, self._ids(prompt, special=True)
+        return text, ids if self.max_prompt_length is None else ids[-self.max_prompt_length:]
+
+    def prompt(self, prompt, *, where: str) -> list[int]:
+        """A prompt alone (to generate from): its ids as ``pair`` gives them; ``where`` names the example in
+        errors. Generation needs a token to start from, so an empty prompt is an error."""
+        ids = self._prompt(prompt, templated=self.template or _is_conversation(prompt))[1]
+        if not ids:
+            raise ValueError(f"{where}: the prompt is empty after tokenization")
+        return ids
+
     def pair(self, prompt, completion, *, where: str) -> tuple[list[int], list[int]]:
         """(prompt ids, completion ids), truncated; ``where`` names the example in errors."""
-        conversational = _is_conversation(prompt) or _is_conversation(completion)
-        if conversational or self.template:
-            p = prompt if _is_conversation(prompt) else [{"role": "user", "content": prompt}]
-            c = completion if _is_conversation(completion) else [{"role": "assistant", "content": completion}]
-            prompt_text = self._template(p, add_generation_prompt=True)
-            full = self._template(p + c)
+        templated = self.template or _is_conversation(prompt) or _is_conversation(completion)
+        prompt_text, prompt_ids = self._prompt(prompt, templated=templated)
+        if templated:
+            full = self._template(_as_messages(prompt, "user") + _as_messages(completion, "assistant"))
             if not full.startswith(prompt_text):
                 raise ValueError(f"{where}: the chat template's text for prompt + completion does not start with "
                                  "its text for the prompt, so the prompt cannot be masked")
-            prompt_ids = self._ids(prompt_text, special=False)
             completion_ids = self._ids(full[len(prompt_text):], special=False)
         else:
-            prompt_ids = self._ids(prompt, special=True)
             completion_ids = self._ids(completion, special=False) + self._eos()
         if not completion_ids:
             raise ValueError(f"{where}: the completion is empty after tokenization")
-        if self.max_prompt_length is not None:
-            prompt_ids = prompt_ids[-self.max_prompt_length:]
         if self.max_length is not None:
             if len(prompt_ids) >= self.max_length:
                 raise ValueError(f"{where}: the prompt has {len(prompt_ids)} tokens, which leaves no room for the "

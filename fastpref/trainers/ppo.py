@@ -30,8 +30,9 @@ from fastpref.integrations.transformers import last_hidden_states, lm_head, scor
 from fastpref.ops.kl import ESTIMATORS, kl_estimate
 from fastpref.ops.linear_policy import linear_ppo_loss
 from fastpref.ops.policy import LOSS_AGGS, value_loss
-from fastpref.trainers.common import BaseTrainer, TrainerConfig, disable_dropout
+from fastpref.trainers.common import BaseTrainer, TrainerConfig, disable_dropout, weight_decay_groups
 from fastpref.trainers.data import IGNORE_INDEX, Encoder, check_columns, load_records, pad_token_id
+from fastpref.trainers.reward import sequence_rewards
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo")
 
@@ -269,14 +270,6 @@ class PPOTrainer(BaseTrainer):
             for m in (model, self.ref_model, reward_model):
                 if m is not None:
                     disable_dropout(m)
-        if self.value_head is not None and a.value_learning_rate is not None and self.optimizer is None:
-            # BaseTrainer's AdamW groups (no decay on 1-D parameters) plus the value head's at its own rate.
-            policy = [p for _, p in super().trainable_named_parameters()]
-            groups = [{"params": [p for p in policy if p.dim() > 1], "weight_decay": a.weight_decay},
-                      {"params": [p for p in policy if p.dim() <= 1], "weight_decay": 0.0},
-                      {"params": list(self.value_head.parameters()), "weight_decay": 0.0, "lr": a.value_learning_rate}]
-            self.optimizer = torch.optim.AdamW(groups, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
-                                               eps=a.adam_epsilon)
         self.pad_id = pad_token_id(processing_class)
         self._queue, self._buffer, self._rollout_metrics = [], None, {}
 
@@ -286,18 +279,10 @@ class PPOTrainer(BaseTrainer):
         check_columns(records, [("prompt",)], split=split, kind="PPO prompt")
         enc = Encoder(self.processing_class, use_chat_template=self.args.use_chat_template,
                       max_prompt_length=self.args.max_prompt_length)
-        examples = []
-        for i, r in enumerate(records):
-            # pair() tokenizes the prompt on its own (specials / chat template with the generation prompt),
-            # exactly as the SFT and DPO trainers do; the placeholder completion is discarded.
-            ids = enc.pair(r["prompt"], "", where=f"{split}_dataset[{i}]")[0]
-            if not ids:
-                raise ValueError(f"{split}_dataset[{i}]: the prompt is empty after tokenization")
-            examples.append({"prompt": r["prompt"], "prompt_ids": ids,
-                             "columns": {k: v for k, v in r.items() if k != "prompt"}})
-        return examples
+        return [{"prompt": r["prompt"], "prompt_ids": enc.prompt(r["prompt"], where=f"{split}_dataset[{i}]"),
+                 "columns": {k: v for k, v in r.items() if k != "prompt"}} for i, r in enumerate(records)]
 
-    def _micro_batches_per_epoch(self) -> int:
+    def micro_batches_per_epoch(self) -> int:
         # An epoch is a pass over the prompts: its rollouts times the optimizer steps of each.
         prompts = len(self._shard(len(self.train_examples), epoch=0))
         rollouts = math.ceil(prompts * self.args.num_generations / self.args.rollout_size)
@@ -349,12 +334,8 @@ class PPOTrainer(BaseTrainer):
     def _scores(self, examples, completions, batch) -> torch.Tensor:
         if self.reward_model is not None:
             with self.autocast():
-                hidden = last_hidden_states(self.reward_model, batch["input_ids"], batch["attention_mask"],
-                                            position_ids=batch["position_ids"])
-                positions = torch.arange(hidden.shape[1], device=hidden.device)
-                last = (batch["attention_mask"] * positions).argmax(1)
-                pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-                return score_head(self.reward_model)(pooled).squeeze(-1).float()
+                return sequence_rewards(self.reward_model, batch["input_ids"], batch["attention_mask"],
+                                        position_ids=batch["position_ids"])
         texts = self.processing_class.batch_decode(completions, skip_special_tokens=True)
         columns = {k: [e["columns"][k] for e in examples] for k in examples[0]["columns"]}
         scores = self.reward_fn([e["prompt"] for e in examples], texts, **columns)
@@ -482,6 +463,14 @@ class PPOTrainer(BaseTrainer):
     def trainable_named_parameters(self):
         head = [] if self.value_head is None else list(self.value_head.named_parameters(prefix="value_head"))
         return super().trainable_named_parameters() + head
+
+    def optimizer_param_groups(self):
+        """With ``value_learning_rate``: the policy's groups and the value head's, at that rate."""
+        if self.value_head is None or self.args.value_learning_rate is None:
+            return super().optimizer_param_groups()
+        policy = (p for _, p in super().trainable_named_parameters())
+        return weight_decay_groups(policy, self.args.weight_decay) + [
+            {"params": list(self.value_head.parameters()), "weight_decay": 0.0, "lr": self.args.value_learning_rate}]
 
     def compute_loss(self, batch):
         a = self.args

@@ -12,6 +12,16 @@ from fastpref.trainers.common import BaseTrainer, TrainerConfig, disable_dropout
 from fastpref.trainers.data import DataConfig, Encoder, collate_pairs, load_records, pad_token_id, preference_examples
 
 
+def sequence_rewards(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
+    """[n] fp32 rewards of a sequence classifier: its scalar head at each sequence's last attended position
+    (any padding side). ``kwargs`` go to the decoder (e.g. the ``position_ids`` of left-padded prompts)."""
+    hidden = last_hidden_states(model, input_ids, attention_mask, **kwargs)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+    last = (attention_mask * positions).argmax(1)
+    pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+    return score_head(model)(pooled).squeeze(-1).float()
+
+
 @dataclass
 class RewardConfig(TrainerConfig, DataConfig):
     """TRL's RewardConfig defaults: learning_rate 1e-4, max_length 1024, dropout disabled.
@@ -63,13 +73,9 @@ class RewardTrainer(BaseTrainer):
         return collate_pairs(examples, pad_id=pad_token_id(self.processing_class))
 
     def rewards(self, input_ids, attention_mask):
-        """[n] fp32 rewards: the head at each sequence's last attended position (any padding side)."""
+        """``sequence_rewards`` of the model being trained, under the trainer's autocast."""
         with self.autocast():
-            hidden = last_hidden_states(self.model, input_ids, attention_mask)
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            last = (attention_mask * positions).argmax(1)
-            pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
-            return score_head(self.model)(pooled).squeeze(-1).float()
+            return sequence_rewards(self.model, input_ids, attention_mask)
 
     def compute_loss(self, batch):
         r = self.rewards(batch["input_ids"], batch["attention_mask"])
