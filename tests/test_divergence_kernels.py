@@ -92,11 +92,12 @@ def oracle(x, xr, labels, name, param, temperature, grad, ignore_index=-100):
 
 def same(kern, a, b, what):
     """The same results through two code paths of one kernel: bit for bit on the CPU (and in the Triton
-    interpreter); on a GPU the compiler contracts each specialization's arithmetic into FMAs its own way."""
+    interpreter); on a GPU the compiler contracts each specialization's arithmetic into FMAs its own way, and a
+    16-bit output can then round to the neighbouring value."""
     if kern.device.type == "cpu":
         assert torch.equal(a, b), what
     else:
-        close(a, b, 1e-6, what, atol=1e-12)
+        close(a, b, 1e-6 if a.dtype == torch.float32 else RTOL[a.dtype], what, atol=1e-12)
 
 
 def close(actual, expected, rtol, what, atol=0.0):
