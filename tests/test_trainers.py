@@ -103,10 +103,16 @@ def test_sft_step_matches_unfused(tmp_path):
     assert metrics["entropy"] > 0
 
 
-def test_reward_step_matches_unfused(tmp_path):
-    model = tiny_llama(cls=LlamaForSequenceClassification, num_labels=1)
+@pytest.mark.parametrize("pad_is_eos", [False, True], ids=["pad", "pad-is-eos"])
+def test_reward_step_matches_unfused(tmp_path, pad_is_eos):
+    tokenizer = tiny_tokenizer()
+    extra = {}
+    if pad_is_eos:  # tokenizers without a pad token pad with EOS: the EOS is then not where the model pools
+        tokenizer.pad_token = tokenizer.eos_token
+        extra = dict(pad_token_id=tokenizer.eos_token_id)
+    model = tiny_llama(cls=LlamaForSequenceClassification, num_labels=1, **extra)
     trainer = RewardTrainer(model=model, args=cfg(RewardConfig, tmp_path, center_rewards_coefficient=0.01),
-                            train_dataset=PAIRS, processing_class=tiny_tokenizer())
+                            train_dataset=PAIRS, processing_class=tokenizer)
     batch = trainer.collate(trainer.train_examples[:3])
     loss, metrics = trainer.compute_loss(batch)
     # transformers' own pooling (last token that is not the pad id) and TRL's loss with centering
@@ -424,7 +430,8 @@ def test_trainers_reject_bad_inputs(tmp_path):
 
 # ---- the transformers integration ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("arch", ["llama-tied", "gemma2", "cohere", "granite", "peft-modules-to-save"])
+@pytest.mark.parametrize("arch", ["llama-tied", "gemma2", "cohere", "granite", "hyperclovax", "peft-modules-to-save",
+                                  "peft-tied-trainable-tokens"])
 def test_head_reproduces_the_models_log_probs(arch):
     torch.manual_seed(0)
     kw = dict(TINY, head_dim=8)
@@ -440,6 +447,25 @@ def test_head_reproduces_the_models_log_probs(arch):
     elif arch == "granite":
         model = transformers.GraniteForCausalLM(transformers.GraniteConfig(**kw, logits_scaling=4.0))
         assert lm_head(model).scale == 0.25
+    elif arch == "hyperclovax":  # MuP: multiplies the logits by logits_scaling, where Granite divides
+        if not hasattr(transformers, "HyperCLOVAXForCausalLM"):
+            pytest.skip("this transformers has no HyperCLOVAX")
+        model = transformers.HyperCLOVAXForCausalLM(transformers.HyperCLOVAXConfig(**kw, logits_scaling=4.0))
+        assert lm_head(model).scale == 4.0
+    elif arch == "peft-tied-trainable-tokens":
+        # With tied embeddings PEFT wraps the head too (TrainableTokensWrapper): the trained rows are part of it.
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(tiny_llama(tie_word_embeddings=True),
+                                    peft.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7]))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "trainable_tokens_delta" in name:
+                    p.add_(torch.randn_like(p))
+        hidden = last_hidden_states(model, torch.tensor([[2, 4, 6]])).detach()  # the head alone gets gradients
+        lm_head(model).logprobs(hidden, torch.tensor([[3, 5, 8]])).sum().backward()
+        assert any(p.grad is not None for n, p in model.named_parameters() if "trainable_tokens_delta" in n)
+        with model.disable_adapter(), torch.no_grad():
+            assert torch.equal(lm_head(model).weight, model.get_input_embeddings().token_adapter.base_layer.weight)
     else:
         peft = pytest.importorskip("peft")
         model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],

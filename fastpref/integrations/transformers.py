@@ -22,7 +22,8 @@ Choices:
   (no copy of every layer's states).
 - Head math from the (text) config: ``final_logit_softcapping`` (Gemma 2/3: ``c * tanh(logits / c)``),
   ``logit_scale`` (Cohere: ``logits * s``) and ``logits_scaling`` (Granite: ``logits / s``, kept as the
-  scale ``1 / s``). Tied embeddings need nothing special: the head's weight *is* the embedding matrix.
+  scale ``1 / s``; HyperCLOVAX: ``logits * s``). Tied embeddings need nothing special: the head's weight
+  *is* the embedding matrix (with PEFT's ``trainable_token_indices``, the one with the trained rows).
 - Reward models: ``score_head(model)`` is the scalar head of a sequence classifier (``num_labels=1``),
   applied by the caller to the hidden state of the last non-pad token (TRL's pooling).
 """
@@ -116,18 +117,32 @@ def lm_head(model) -> Head:
                         "adapter): leave lm_head out of target_modules, or use modules_to_save=['lm_head']")
     # ModulesToSaveWrapper (PEFT) holds a trainable copy per adapter; the active one is the head in use.
     active = getattr(module, "modules_to_save", None)
-    if active is not None and getattr(module, "active_adapter", None) in active and not module.disable_adapters:
-        module = active[module.active_adapter]
-    elif hasattr(module, "original_module"):
-        module = module.original_module
-    weight = module.weight
-    bias = getattr(module, "bias", None)
+    tokens = getattr(module, "token_adapter", None)
+    if tokens is not None:
+        # TrainableTokensWrapper (PEFT ``trainable_token_indices`` on a model with tied embeddings wraps the
+        # head too): the head in use is the base weight with the trained rows swapped in, as its forward
+        # computes it (F.linear without bias); the base weight alone would silently drop those rows.
+        if tokens.disable_adapters or not tokens.active_adapters:
+            weight, bias = tokens.base_layer.weight, getattr(tokens.base_layer, "bias", None)
+        else:
+            weight, bias = tokens.get_merged_weights(tokens.active_adapters), None
+    else:
+        if active is not None and getattr(module, "active_adapter", None) in active and not module.disable_adapters:
+            module = active[module.active_adapter]
+        elif hasattr(module, "original_module"):
+            module = module.original_module
+        weight = module.weight
+        bias = getattr(module, "bias", None)
     config = inner.config.get_text_config() if hasattr(inner.config, "get_text_config") else inner.config
     softcap = getattr(config, "final_logit_softcapping", None)
     scale = getattr(config, "logit_scale", None)
     granite = getattr(config, "logits_scaling", None)
     if granite not in (None, 1, 1.0):
-        scale = (scale or 1.0) / granite
+        # Granite (and MiniCPM3) divide the logits by logits_scaling; HyperCLOVAX (MuP) multiplies by it.
+        if str(getattr(config, "model_type", "")).startswith("hyperclovax"):
+            scale = (scale or 1.0) * granite
+        else:
+            scale = (scale or 1.0) / granite
     return Head(weight=weight, bias=bias, softcap=float(softcap) if softcap else None,
                 scale=float(scale) if scale not in (None, 1, 1.0) else None)
 

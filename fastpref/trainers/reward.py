@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastpref.integrations.transformers import last_hidden_states, score_head
+from fastpref.integrations.transformers import last_hidden_states, score_head, unwrap
 from fastpref.ops.preference import bt_loss
 from fastpref.trainers.common import BaseTrainer, TrainerConfig, disable_dropout
 from fastpref.trainers.data import DataConfig, Encoder, collate_pairs, load_records, pad_token_id, preference_examples
@@ -14,10 +14,16 @@ from fastpref.trainers.data import DataConfig, Encoder, collate_pairs, load_reco
 
 def sequence_rewards(model, input_ids, attention_mask, **kwargs) -> torch.Tensor:
     """[n] fp32 rewards of a sequence classifier: its scalar head at each sequence's last attended position
-    (any padding side). ``kwargs`` go to the decoder (e.g. the ``position_ids`` of left-padded prompts)."""
+    that is not the config's pad id (any padding side). That is where transformers' ``*ForSequenceClassification``
+    (and so TRL, and whoever loads the saved model) pools; where pad is EOS it is the token before the EOS.
+    ``kwargs`` go to the decoder (e.g. the ``position_ids`` of left-padded prompts)."""
     hidden = last_hidden_states(model, input_ids, attention_mask, **kwargs)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-    last = (attention_mask * positions).argmax(1)
+    keep = attention_mask.bool()
+    pad_id = unwrap(model).config.pad_token_id
+    if pad_id is not None:
+        keep = keep & (input_ids != pad_id)
+    last = (keep * positions).argmax(1)
     pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
     return score_head(model)(pooled).squeeze(-1).float()
 
