@@ -183,3 +183,34 @@ def test_import_registers_nothing():
     code = ("import sys, fastpref; assert 'torch._dynamo' not in sys.modules; "
             "assert 'fastpref.ops._library' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_changing_floats_do_not_recompile_each_call():
+    """A float that changes between steps (a KL controller's kl_coef, a temperature or beta schedule) recompiles
+    once, when Dynamo makes it symbolic, as in plain PyTorch code; the custom ops must not specialize on its
+    value (a ``float`` in their schema did: one graph per value, eager fallback past the recompile limit)."""
+    def step(t, temperature, coef):
+        logp = fastpref.token_logprobs(t["logits"][:, :-1], t["labels"], temperature=temperature, backend="cpu")
+        return (logp.sum()
+                + fastpref.linear_ppo_loss(t["hidden"], t["weight"], t["labels"], None, t["adv"], bias=t["bias"],
+                                           temperature=temperature, softcap=5.0, ref_logp=t["ref_logp"], kl_coef=coef,
+                                           entropy_coef=coef, backend="cpu").loss
+                + fastpref.linear_dpo_loss(t["hidden"], t["weight"], t["labels"], ref_chosen_logps=t["adv"][:B],
+                                           ref_rejected_logps=t["adv"][B:], beta=coef, nll_coef=coef,
+                                           backend="cpu").loss
+                + fastpref.token_divergence(t["logits"], t["ref_logits"], divergence="alpha", alpha=coef,
+                                            temperature=temperature, backend="cpu").sum())
+
+    t = make("cpu")
+    params = [t[name].requires_grad_() for name in ("logits", "hidden", "weight")]
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for temperature, coef in ((0.7, 0.1), (0.8, 0.2), (0.9, 0.3), (1.1, 0.4)):
+        got = compiled(t, temperature, coef)
+        grads = torch.autograd.grad(got, params)
+        want = step(t, temperature, coef)
+        torch.testing.assert_close(got, want)
+        for g, r in zip(grads, torch.autograd.grad(want, params)):
+            torch.testing.assert_close(g, r)
+    assert counters["stats"]["unique_graphs"] - graphs <= 2

@@ -133,6 +133,28 @@ def test_vocab_parallel(tmp_path):
     spawn(_vocab_parallel_worker, tmp_path)
 
 
+def _uneven_vocab_worker(rank):
+    """Shards of different sizes break the Megatron layout (rank r's first id is r * V_local): every rank raises,
+    in the forward's collective, instead of returning wrong values (labels < 14 pass every rank's range check)."""
+    V_local, H = 7 + rank, 5
+    labels = torch.tensor([0, 6, 9, 13, -100])
+    cases = {
+        "token_logprobs": lambda: fastpref.token_logprobs(torch.randn(5, V_local), labels,
+                                                          process_group=dist.group.WORLD),
+        "linear_logprobs": lambda: fastpref.linear_logprobs(torch.randn(5, H), torch.randn(V_local, H), labels,
+                                                            process_group=dist.group.WORLD),
+        "token_divergence": lambda: fastpref.token_divergence(torch.randn(5, V_local), torch.randn(5, V_local),
+                                                              labels=labels, process_group=dist.group.WORLD),
+    }
+    for name, call in cases.items():
+        with pytest.raises(ValueError, match=r"vocabulary shards of equal size.* 7 to 8"):
+            call()
+
+
+def test_vocab_parallel_uneven_shards(tmp_path):
+    spawn(_uneven_vocab_worker, tmp_path)
+
+
 def _fsdp_worker(rank):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

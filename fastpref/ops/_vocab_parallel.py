@@ -28,6 +28,18 @@ def group_size(group) -> int:
     return dist.get_world_size(group)
 
 
+def max_reduce(t, local_vocab, group):
+    """``t`` all-reduced with MAX over ``group``; the same collective checks that every rank holds ``local_vocab``
+    ids (the Megatron layout puts rank r's first id at r * V_local), so that every rank raises, none hangs."""
+    flat = torch.cat([t.reshape(-1).float(), t.new_tensor([local_vocab, -local_vocab], dtype=torch.float32)])
+    dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+    largest, smallest = int(flat[-2]), -int(flat[-1])
+    if largest != smallest:
+        raise ValueError(f"process_group= needs vocabulary shards of equal size on every rank; the ranks hold "
+                         f"{smallest} to {largest} ids (pad the vocabulary to a multiple of the group size)")
+    return flat[:-2].view(t.shape)
+
+
 class VocabShard:
     """This rank's share of a vocabulary-parallel call on labels [n] (global ids).
 
@@ -37,7 +49,7 @@ class VocabShard:
     """
 
     def __init__(self, labels, local_vocab, ignore_index, group):
-        self.group = group
+        self.group, self.local_vocab = group, local_vocab
         start = dist.get_rank(group) * local_vocab
         self.keep = labels != ignore_index
         self.owned = self.keep & (labels >= start) & (labels < start + local_vocab)
@@ -50,8 +62,7 @@ class VocabShard:
         H = sum_r w_r (H_r - log w_r) (no cancellation for large logits, unlike lse - sum p z), and the label's
         logit z_y = logp_r + lse_r comes from the rank that holds it.
         """
-        m = lse.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=self.group)
+        m = max_reduce(lse, self.local_vocab, self.group)
         e = torch.exp(lse - m)
         parts = [e, torch.where(self.owned, logp + lse, 0.0)]
         if entropy is not None:
@@ -99,8 +110,7 @@ def div_forward(ops, x, xr, labels, group, *, div_id, param, temperature, ignore
     _, lse_local, lse_r_local, _, _ = ops.div_forward(x, xr, labels, div_id=div_id, param=param,
                                                       temperature=temperature, ignore_index=ignore_index)
     lse2 = torch.stack([lse_local, lse_r_local])
-    m = lse2.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = max_reduce(lse2, x.shape[1], group)
     s = torch.exp(lse2 - m)
     dist.all_reduce(s, group=group)
     lse, lse_r = m + torch.log(s)
