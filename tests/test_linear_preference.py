@@ -96,9 +96,14 @@ def test_three_matmuls_when_chunks_hold_whole_pairs():
     one_chunk, *_ = _matmuls(None)
     assert one_chunk == 3  # logits, grad hidden, grad weight: no recompute
     pairs, *_ = _matmuls(11)  # every pair here has <= 10 tokens: chunks end on pair boundaries
-    split, *_ = _matmuls(3)  # pairs larger than a chunk, H > 2 x chunk: forward, then recompute
+    # Pairs larger than a chunk, and two deferred weight-sized buffers cost more than 4 chunks (2 H > 4 x 3):
+    # forward, then recompute.
+    split, *_ = _matmuls(3, loss_type="ipo")
     n_tokens = int((make()[3] != -100).sum())
     assert split == 4 * -(-n_tokens // 3)
+    # A loss that sees a pair through its margin alone defers one buffer (H <= 4 x 3): one pass.
+    *_, macs = _matmuls(3)
+    assert macs == 3 * n_tokens * H * V
     assert pairs % 3 == 0 and pairs > 3  # several chunks, 3 matmuls each
     # Pairs larger than a chunk of 4 and H <= 2 x 4: one pass; a chunk that ends inside a pair splits its
     # weight-gradient matmul (rows of complete pairs, the open pair's chosen rows, its rejected rows), so
@@ -109,6 +114,41 @@ def test_three_matmuls_when_chunks_hold_whole_pairs():
     assert coupled == 4 * -(-n_tokens // 4)
     coupled, *_ = _matmuls(None, loss_type="aot")  # sorting couples pairs: two passes even in one chunk
     assert coupled == 4
+
+
+MARGIN_CASES = [("sigmoid", {}), ("hinge", {}), ("robust", {"label_smoothing": 0.1}),
+                ("exo_pair", {"label_smoothing": 1e-3}), ("discopop", {})]
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpu"))
+@pytest.mark.parametrize("chunk_size", [3, 4, 7])
+@pytest.mark.parametrize("loss_type,kw", MARGIN_CASES, ids=[c[0] for c in MARGIN_CASES])
+def test_margin_losses_defer_one_buffer(backend, chunk_size, loss_type, kw, monkeypatch):
+    """Without an NLL term these losses see a pair through rho_w - rho_l alone: the open pair's weight and bias
+    gradients go to one buffer (chosen minus rejected), with the same gradients as the unfused loss."""
+    from fastpref.ops import linear_preference
+
+    made = []
+
+    class Spy(linear_preference._DeferredPair):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(linear_preference, "_DeferredPair", Spy)
+    hidden, weight, bias, labels, ref = make()
+    ins = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    refs = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    out = fastpref.linear_dpo_loss(ins[0], ins[1], labels, bias=ins[2], ref_chosen_logps=ref[0],
+                                   ref_rejected_logps=ref[1], loss_type=loss_type, beta=0.2, chunk_size=chunk_size,
+                                   backend=backend, **kw)
+    expected = unfused(*refs, labels, ref, loss_type, beta=0.2, **kw)
+    close(out.loss, expected, 1e-5, "loss")
+    (out.loss * 1.7).backward()
+    (expected * 1.7).backward()
+    for name, a, r in zip(("hidden", "weight", "bias"), ins, refs):
+        close(a.grad, r.grad, 2e-5, f"grad {name}")
+    assert [len(d.acc_w) for d in made] == [1] and len(made[0].acc_b) == 1
 
 
 def test_frozen_head_one_pass_with_pairs_split_across_chunks():

@@ -26,6 +26,8 @@ from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, a
 from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
 
 _COUPLED = ("aot", "aot_unpaired", "orpo")  # their loss does not split into independent pairs
+# Loss types that see a pair through its margin alone (with the reverse-KL score and no NLL term).
+_MARGIN_TYPES = ("sigmoid", "hinge", "robust", "exo_pair", "discopop")
 
 
 def _pair_order(labels, ignore_index):
@@ -62,14 +64,19 @@ def _chunks(ends, chunk, align):
 class _DeferredPair:
     """The head gradients of the tokens of a pair whose loss gradient is not known yet (the pair runs past
     the end of the chunk): their rows of the hidden gradient stay unscaled in ``grads.gh``, and their
-    weight and bias gradients accumulate per side, chosen and rejected, each its own [V, H] fp32 buffer.
-    When the pair completes, ``settle`` scales the rows and adds c_w acc_w + c_l acc_l: the same three
-    matmuls per token as a chunk that holds whole pairs, for two weight-sized buffers."""
+    weight and bias gradients accumulate in [V, H] fp32 buffers, one per side (chosen, rejected). When the
+    pair completes, ``settle`` scales the rows and adds c_w acc_w + c_l acc_l: the same three matmuls per
+    token as a chunk that holds whole pairs.
 
-    def __init__(self, grads):
+    ``antisymmetric``: the loss sees a pair only through its margin rho_w - rho_l, so c_l = -c_w exactly
+    (autograd of a difference): one buffer holds acc_w - acc_l, settled with c_w, half the memory."""
+
+    def __init__(self, grads, antisymmetric):
         self.grads = grads
-        self.acc_w = None if grads.gw is None else [torch.zeros_like(grads.gw) for _ in range(2)]
-        self.acc_b = None if grads.gb is None else [torch.zeros_like(grads.gb) for _ in range(2)]
+        self.single = antisymmetric
+        sides = 1 if antisymmetric else 2
+        self.acc_w = None if grads.gw is None else [torch.zeros_like(grads.gw) for _ in range(sides)]
+        self.acc_b = None if grads.gb is None else [torch.zeros_like(grads.gb) for _ in range(sides)]
         self.start = None  # first token row of the open pair
 
     def add(self, g, s, e, split):
@@ -82,10 +89,15 @@ class _DeferredPair:
             torch.mm(g, grads.weight, out=grads.gh[s:e])
         for side, (a, b) in enumerate(((s, split), (split, e))):
             if b > a:
+                # With one buffer the rejected side goes in negated: through its [rows, H] hidden rows, a
+                # far smaller copy than the [rows, V] gradient.
+                acc, negate = (0, side == 1) if self.single else (side, False)
                 if self.acc_w is not None:
-                    _accumulate_fp32(self.acc_w[side], g[a - s:b - s].t(), grads.h[a:b])
+                    rows = grads.h[a:b]
+                    _accumulate_fp32(self.acc_w[acc], g[a - s:b - s].t(), -rows if negate else rows)
                 if self.acc_b is not None:
-                    self.acc_b[side] += g[a - s:b - s].sum(0, dtype=torch.float32)
+                    total = g[a - s:b - s].sum(0, dtype=torch.float32)
+                    self.acc_b[acc].sub_(total) if negate else self.acc_b[acc].add_(total)
 
     def settle(self, end, row_coef, c_w, c_l):
         """The open pair completed: rows [start, end) get their coefficients ``row_coef``."""
@@ -94,10 +106,9 @@ class _DeferredPair:
             grads.gh[self.start:end] *= row_coef.unsqueeze(1).to(grads.gh.dtype)
         for acc, total in ((self.acc_w, grads.gw), (self.acc_b, grads.gb)):
             if acc is not None:
-                total += acc[0].mul_(c_w)
-                total += acc[1].mul_(c_l)
-                acc[0].zero_()
-                acc[1].zero_()
+                for buffer, coef in zip(acc, (c_w, c_l)):
+                    total += buffer.mul_(coef)
+                    buffer.zero_()
         self.start = None
 
 
@@ -120,8 +131,11 @@ def dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need):
     chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, largest, decomposable and need_any)
     aligned = largest <= chunk
     # One pass (gradients in the forward) when the pairs decompose and either every pair fits in a chunk
-    # or the open pair's deferred weight gradients (2 x [V, H] fp32) cost at most 4 chunk buffers.
-    one_pass = need_any and decomposable and (aligned or not need[1] or 2 * hidden.shape[-1] <= 4 * chunk)
+    # or the open pair's deferred weight gradients (1 or 2 x [V, H] fp32) cost at most 4 chunk buffers.
+    antisymmetric = (cfg["loss_type"] in _MARGIN_TYPES and cfg["divergence"] == "reverse_kl"
+                     and not cfg["nll_coef"])
+    sides = 1 if antisymmetric else 2
+    one_pass = need_any and decomposable and (aligned or not need[1] or sides * hidden.shape[-1] <= 4 * chunk)
     plan = _chunks(ends, chunk, aligned and decomposable)
     kw = dict(temperature=1.0, softcap=0.0, ignore_index=cfg["ignore_index"])
 
@@ -131,7 +145,7 @@ def dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need):
     grads = HeadGrads(h, weight, bias, need)
     buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
     chosen_len = lengths[:B].tolist()
-    deferred = _DeferredPair(grads) if one_pass and not aligned else None
+    deferred = _DeferredPair(grads, antisymmetric) if one_pass and not aligned else None
     done = 0  # pairs whose coefficients are applied
     for s, e in plan:
         z = _chunk_logits(h[s:e], weight, bias, buf[: e - s])
