@@ -22,11 +22,13 @@ import torch
 import fastpref
 
 
-def timer(device):
+def timer(device, warmup=50, rep=300):
+    """fn -> seconds: the median of CUDA-event timings (``warmup`` and ``rep`` in ms, do_bench's) on a GPU, of
+    three wall-clock runs after one warm-up on CPU."""
     if device == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e-3
+        return lambda fn: do_bench(fn, warmup=warmup, rep=rep, return_mode="median") * 1e-3
 
     def cpu_timer(fn):
         fn()
@@ -73,6 +75,34 @@ def cases(impls):
         yield "token_divergence", impl, dv, (2, 5)
 
 
+def inputs(N, V, device, dtype, ignore_every=None):
+    """Random policy and reference logits [N, V] (never zeros) and labels, every ``ignore_every``-th ignored."""
+    torch.manual_seed(0)
+    x = (torch.randn(N, V, device=device) * 2).to(dtype)
+    xr = (x.float() + torch.randn(N, V, device=device) * 0.5).to(dtype)
+    labels = torch.randint(0, V, (N,), device=device)
+    if ignore_every:
+        labels[::ignore_every] = -100
+    return x, xr, labels
+
+
+def time_op(forward, x, xr, labels, measure):
+    """(forward, forward+backward) seconds of ``forward(x, xr, labels)``, the backward into the logits x."""
+    xg = x.detach().requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            forward(x, xr, labels)
+
+    def fwd_bwd():
+        outs = forward(xg, xr, labels)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward([o.sum() for o in outs])
+        xg.grad = None
+
+    return measure(fwd), measure(fwd_bwd)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,28 +121,12 @@ def main(argv=None):
     print(f"{name}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + written); {dtype}; impls {impls}", flush=True)
     rows = []
     for N, V in sizes:
-        torch.manual_seed(0)
-        x = (torch.randn(N, V, device=device) * 2).to(dtype)
-        xr = (x.float() + torch.randn(N, V, device=device) * 0.5).to(dtype)
-        labels = torch.randint(0, V, (N,), device=device)
-        labels[::7] = -100
+        x, xr, labels = inputs(N, V, device, dtype, ignore_every=7)
         elem = x.element_size()
         for op, impl, forward, (k_fwd, k_bwd) in cases(impls):
             row = dict(op=op, impl=impl, N=N, V=V, dtype=str(dtype).split(".")[-1])
             try:
-                xg = x.detach().requires_grad_()
-
-                def fwd():
-                    with torch.no_grad():
-                        forward(x, xr, labels)
-
-                def fwd_bwd():
-                    outs = forward(xg, xr, labels)
-                    outs = outs if isinstance(outs, tuple) else (outs,)
-                    torch.autograd.backward([o.sum() for o in outs])
-                    xg.grad = None
-
-                row["fwd_s"], row["fwd_bwd_s"] = measure(fwd), measure(fwd_bwd)
+                row["fwd_s"], row["fwd_bwd_s"] = time_op(forward, x, xr, labels, measure)
                 row["fwd_bw_frac"] = k_fwd * N * V * elem / row["fwd_s"] / bandwidth
                 row["fwd_bwd_bw_frac"] = k_bwd * N * V * elem / row["fwd_bwd_s"] / bandwidth
                 row["status"] = "ok"
