@@ -5,10 +5,16 @@ measured copy bandwidth (issue 6's goals: >= 85 % forward, >= 80 % forward+backw
     python benchmarks/row_kernels.py [--device cuda] [--tiny] [--out FILE.json]
 
 Floors (the fewest bytes each step must move, over the measured copy bandwidth, read + written):
-  token_logprobs    forward N V s (read the logits);  fwd+bwd 3 N V s (read twice, write the gradient)
-  token_divergence  forward 2 N V s (logits and reference); fwd+bwd 5 N V s (both twice, write one gradient)
-with s the element size; the per-row outputs are negligible. Times are medians of CUDA-event timings
-(``triton.testing.do_bench``) on a GPU, of wall-clock repetitions on CPU. The inputs are random (never zeros).
+  token_logprobs    forward K V s (read the kept rows' logits); fwd+bwd (2 K + N) V s (read twice, write every
+                    row's gradient, zeros for ignored rows)
+  token_divergence  forward 2 K V s (logits and reference); fwd+bwd (4 K + N) V s
+with s the element size, N rows of which K are kept (1 in 7 is ignored, as in a batch with prompt tokens; an
+ignored row is never read); the per-row outputs are negligible. Each op is timed through the public API (which
+checks the labels' range on the host: one small reduction and a device sync per call) and, for the forward,
+as the bare kernels (``fastpref.kernels.<backend>``: no label check, no autograd): the difference is the
+API's cost, mostly the check's device sync, which leaves the GPU idle while the host prepares the launch.
+Times are medians of CUDA-event timings (``triton.testing.do_bench``) on a GPU, of wall-clock repetitions on
+CPU. The inputs are random (never zeros).
 """
 from __future__ import annotations
 
@@ -71,8 +77,41 @@ def cases(impls):
 
             def dv(x, xr, labels, impl=impl):
                 return fastpref.token_divergence(x, xr, divergence="reverse_kl", labels=labels, backend=impl)
-        yield "token_logprobs", impl, (lambda x, xr, y, f=lp: f(x, y)), (1, 3)
-        yield "token_divergence", impl, dv, (2, 5)
+        # (kept-row reads, all-row writes) per element of the forward and of forward+backward.
+        yield "token_logprobs", impl, (lambda x, xr, y, f=lp: f(x, y)), ((1, 0), (2, 1))
+        yield "token_divergence", impl, dv, ((2, 0), (4, 1))
+
+
+def bare_kernels(op, impl):
+    """(forward, forward+backward) closures over the backend's kernels alone (``fastpref.kernels.<impl>``: no
+    label check, no autograd; the backward into a preallocated gradient of the logits), or None for eager and
+    the torch path."""
+    if impl not in ("triton", "cuda", "cpu"):
+        return None
+    import importlib
+
+    if impl == "triton":
+        mod = importlib.import_module("fastpref.kernels.triton." + ("logprobs" if op == "token_logprobs" else "divergence"))
+    else:
+        mod = importlib.import_module(f"fastpref.kernels.{impl}")
+    if op == "token_logprobs":
+        def fwd(x, xr, y):
+            return mod.row_forward(x, y, with_entropy=True)
+
+        def fwd_bwd(x, xr, y, out):
+            _, lse, ent = fwd(x, xr, y)
+            ones = torch.ones_like(lse)
+            mod.row_backward(x, y, lse, ent, ones, ones, out)
+    else:
+        kw = dict(div_id=0, param=0.0)  # reverse KL
+
+        def fwd(x, xr, y):
+            return mod.div_forward(x, xr, y, **kw)
+
+        def fwd_bwd(x, xr, y, out):
+            _, lse, lse_r, s_a, s_b = fwd(x, xr, y)
+            mod.div_backward(x, xr, y, lse, lse_r, s_a, s_b, torch.ones_like(lse), out, None, **kw)
+    return fwd, fwd_bwd
 
 
 def inputs(N, V, device, dtype, ignore_every=None):
@@ -122,21 +161,35 @@ def main(argv=None):
     rows = []
     for N, V in sizes:
         x, xr, labels = inputs(N, V, device, dtype, ignore_every=7)
+        kept = int((labels != -100).sum())
         elem = x.element_size()
-        for op, impl, forward, (k_fwd, k_bwd) in cases(impls):
-            row = dict(op=op, impl=impl, N=N, V=V, dtype=str(dtype).split(".")[-1])
+        for op, impl, forward, ((r_fwd, w_fwd), (r_bwd, w_bwd)) in cases(impls):
+            row = dict(op=op, impl=impl, N=N, V=V, kept=kept, dtype=str(dtype).split(".")[-1])
+            fwd_bytes = (r_fwd * kept + w_fwd * N) * V * elem
+            bwd_bytes = (r_bwd * kept + w_bwd * N) * V * elem
             try:
                 row["fwd_s"], row["fwd_bwd_s"] = time_op(forward, x, xr, labels, measure)
-                row["fwd_bw_frac"] = k_fwd * N * V * elem / row["fwd_s"] / bandwidth
-                row["fwd_bwd_bw_frac"] = k_bwd * N * V * elem / row["fwd_bwd_s"] / bandwidth
+                row["fwd_bw_frac"] = fwd_bytes / row["fwd_s"] / bandwidth
+                row["fwd_bwd_bw_frac"] = bwd_bytes / row["fwd_bwd_s"] / bandwidth
+                kernels = bare_kernels(op, impl)
+                if kernels is not None:
+                    out = torch.empty_like(x)
+                    row["kernel_fwd_s"] = measure(lambda: kernels[0](x, xr, labels))
+                    row["kernel_fwd_bwd_s"] = measure(lambda: kernels[1](x, xr, labels, out))
+                    del out
+                    row["kernel_fwd_bw_frac"] = fwd_bytes / row["kernel_fwd_s"] / bandwidth
+                    row["kernel_fwd_bwd_bw_frac"] = bwd_bytes / row["kernel_fwd_bwd_s"] / bandwidth
                 row["status"] = "ok"
             except Exception as exc:  # a backend that fails here is a row, not the end of the run
                 row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
             rows.append(row)
             if row["status"] == "ok":
+                bare = (f"  kernels: fwd {row['kernel_fwd_s'] * 1e3:7.3f} ms ({row['kernel_fwd_bw_frac']:6.1%}) "
+                        f"fwd+bwd {row['kernel_fwd_bwd_s'] * 1e3:7.3f} ms ({row['kernel_fwd_bwd_bw_frac']:6.1%})"
+                        if "kernel_fwd_s" in row else "")
                 print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  fwd {row['fwd_s'] * 1e3:8.3f} ms "
                       f"({row['fwd_bw_frac']:6.1%} of copy)  fwd+bwd {row['fwd_bwd_s'] * 1e3:8.3f} ms "
-                      f"({row['fwd_bwd_bw_frac']:6.1%})", flush=True)
+                      f"({row['fwd_bwd_bw_frac']:6.1%}){bare}", flush=True)
             else:
                 print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  FAILED {row['reason']}", flush=True)
     if args.out:

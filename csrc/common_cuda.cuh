@@ -21,6 +21,18 @@ constexpr float kLn2 = 0.6931471805599453f;
 // Finite stand-in for -inf as a running max: exp2(w - m) stays exp2(-inf) = 0 for -inf logits, and no
 // rescale ever computes -inf - -inf = NaN or inf * 0.
 constexpr float kNegBig = -3.0e38f;
+// Below any exponent whose exp2 is nonzero in exp2_ftz: d clamped to it keeps e * d = 0 * kMinExp2 = 0 for
+// d = -inf (a -inf logit) instead of 0 * -inf = NaN, one FMNMX instead of a compare and a select.
+constexpr float kMinExp2 = -256.0f;
+
+// 2^x as the bare MUFU.EX2. exp2f/expf add a fix-up for results below 2^-126 (a compare, a select and two
+// multiplies per element: the row kernels' forward was issue-bound on them); a term that small changes no
+// softmax sum, which holds a 1, and flushing it to 0 is what every element beyond fp32's range gets anyway.
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 // Block-per-row kernels use kBlockThreads threads; rows of at most kWarpMaxV elements take one warp each,
 // kWarpRows rows per block (a 1024-wide row is 4 packs per lane: a block would leave most threads idle).
@@ -29,6 +41,9 @@ constexpr int kWarpRows = 4;
 constexpr int64_t kWarpMaxV = 1024;
 // Elements per vector access: 16 bytes of a 16-bit dtype, two 16-byte accesses of fp32.
 constexpr int kPack = 8;
+// Packs a thread loads before it uses any, in the row loops: at one, a warp had a single 512-byte load in
+// flight, too few bytes for the memory system's latency at full occupancy.
+constexpr int kLoadPacks = 2;
 
 template <int DT> struct Elem;
 template <> struct Elem<kFloat32> {

@@ -1,8 +1,7 @@
 // CUDA twin of div_forward / div_backward in fastpref/kernels/reference.py, with the numerics of the CPU twin
 // (divergence_cpu.cpp: the same terms, the same guards for p = 0 or q = 0, natural units: z = x / T,
-// log p = z - lse, d = log(p / q) = (z - zr) - (lse - lse_r)). Natural rather than base-2 units (the Triton
-// kernel's) so that the backward's log-probabilities, z - lse with the stored lse, are exactly those of the
-// forward: a one-element row gives p = q = 1 and zero gradients exactly, as on the CPU.
+// log p = z - lse, d = log(p / q) = (z - zr) - (lse - lse_r)). The backward and the stored lse are in natural
+// units; the forward's online softmax sums powers of 2 (online_add says how, and why the KLs differ).
 //
 // One thread group per row pair, as in logprobs_cuda.cu (a warp when V <= kWarpMaxV, else a block). Only the
 // divergence id is a template parameter: the four rows' dtypes are switched on per pack (uniform branches),
@@ -24,27 +23,46 @@ namespace fastpref {
 namespace cuda {
 namespace {
 
+// The KLs (their p and q enter no cancelling sum) take exp as one multiply and the bare MUFU.EX2: expf's range
+// reduction and denormal fix-up cost issue slots their backward needs (2 to 3 ulp against expf's 2, plus
+// |x| 2^-24 from rounding x log2(e); a result below 2^-126 becomes 0). The other divergences keep expf: the
+// alpha divergence's sums cancel, and the fast form's error, with that of the FFMA exponents online_add
+// no longer uses for them, exceeded 1e-5 of its value on an H200 (T = 1, V = 1000).
 struct CudaMath {
   static __device__ __forceinline__ float exp(float x) { return expf(x); }
   static __device__ __forceinline__ float log(float x) { return logf(x); }
 };
+struct FastMath : CudaMath {
+  static __device__ __forceinline__ float exp(float x) { return exp2_ftz(x * kLog2e); }
+};
+
+template <int DIV>
+constexpr bool kFused = DIV == kReverseKL || DIV == kForwardKL;
 
 // p, q and the terms at one element (divergence_terms.h, shared with the CPU kernels).
 template <int DIV>
 __device__ __forceinline__ DivTerms terms(float z, float zr, float lse, float lse_r, float dl, const DivCoef& c) {
-  return div_terms<DIV, CudaMath>(z, zr, lse, lse_r, dl, c);
+  return div_terms<DIV, std::conditional_t<kFused<DIV>, FastMath, CudaMath>>(z, zr, lse, lse_r, dl, c);
 }
 
-// Online softmax over both rows: st = (m, s, mr, sr, t), s = sum e^(z - m), sr = sum e^(zr - mr), and for
-// the KLs t = sum e^(z - m) (z - zr) (reverse) or sum e^(zr - mr) (zr - z) (forward), which needs no shift
-// when m moves since z - zr does not depend on it. -inf logits get weight 0, not 0 * inf.
-// Raises the running max m to bm when larger, rescaling the sum s (and t with CARRY) to it; nothing to rescale
-// while the sum is empty (m may still be kNegBig).
+// Online softmax over both rows of raw logits x, xr, in base 2 with c = log2(e) / T: st = (m, s, mr, sr, t),
+// s = sum 2^(x c - m') over the row, sr the reference's, and for the KLs t = sum 2^(x c - m') (x - xr)
+// (reverse) or sum 2^(xr c - mr') (xr - x) (forward), in raw logit units (the kernel scales it once), which
+// needs no shift when m moves since x - xr does not depend on it. A term of weight 0 adds nothing, not 0 * inf
+// (a -inf logit on either side).
+//
+// The KLs (kFused) keep m = m' = max x c and take each exponent as one FFMA, x c - m: their single pass
+// was measured at 82.5 % of the copy bandwidth on an H200 against 76.7 % with expf. The two-pass divergences
+// keep the raw max m = max x (m' = m c) and take (x - m) c, rounded relative to x - m rather than to x c:
+// the FFMA form moves every exponent by c's rounding (|x c| 2^-24), which their cancelling sums (alpha)
+// turned into more than 1e-5 of the value on an H200 (T = 1, V = 1000).
+// Raises the running max m to bm when larger, rescaling the sum s (and t with CARRY) to it by 2^((m - bm) f),
+// f = 1 for base-2 maxima, c for raw ones; nothing to rescale while the sum is empty (m may still be kNegBig).
 template <bool CARRY>
-__device__ __forceinline__ void raise_max(float bm, float& m, float& s, float& t) {
+__device__ __forceinline__ void raise_max(float bm, float f, float& m, float& s, float& t) {
   if (bm > m) {
     if (s != 0.0f) {
-      const float alpha = expf(m - bm);
+      const float alpha = exp2_ftz((m - bm) * f);
       s *= alpha;
       if (CARRY) t *= alpha;
     }
@@ -53,30 +71,33 @@ __device__ __forceinline__ void raise_max(float bm, float& m, float& s, float& t
 }
 
 template <int DIV, int K>
-__device__ __forceinline__ void online_add(const float (&z)[K], const float (&zr)[K], float (&st)[5]) {
-  float bm = z[0], bmr = zr[0];
+__device__ __forceinline__ void online_add(const float (&x)[K], const float (&xr)[K], float c, float (&st)[5]) {
+  float bx = x[0], bxr = xr[0];
 #pragma unroll
   for (int k = 1; k < K; ++k) {
-    bm = fmaxf(bm, z[k]);
-    bmr = fmaxf(bmr, zr[k]);
+    bx = fmaxf(bx, x[k]);
+    bxr = fmaxf(bxr, xr[k]);
   }
-  raise_max<DIV == kReverseKL>(bm, st[0], st[1], st[4]);
-  raise_max<DIV == kForwardKL>(bmr, st[2], st[3], st[4]);
+  // c > 0 and rounding is monotonic: the scaled max is the max of the scaled logits.
+  const float f = kFused<DIV> ? 1.0f : c;
+  raise_max<DIV == kReverseKL>(kFused<DIV> ? bx * c : bx, f, st[0], st[1], st[4]);
+  raise_max<DIV == kForwardKL>(kFused<DIV> ? bxr * c : bxr, f, st[2], st[3], st[4]);
+  const float m = st[0], mr = st[2];
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const float e = expf(z[k] - st[0]);
-    const float er = expf(zr[k] - st[2]);
+    const float e = exp2_ftz(kFused<DIV> ? fmaf(x[k], c, -m) : (x[k] - m) * c);
+    const float er = exp2_ftz(kFused<DIV> ? fmaf(xr[k], c, -mr) : (xr[k] - mr) * c);
     st[1] += e;
     st[3] += er;
-    if (DIV == kReverseKL) st[4] += e == 0.0f ? 0.0f : e * (z[k] - zr[k]);
-    if (DIV == kForwardKL) st[4] += er == 0.0f ? 0.0f : er * (zr[k] - z[k]);
+    if (DIV == kReverseKL) st[4] = e == 0.0f ? st[4] : fmaf(e, x[k] - xr[k], st[4]);
+    if (DIV == kForwardKL) st[4] = er == 0.0f ? st[4] : fmaf(er, xr[k] - x[k], st[4]);
   }
 }
 
-// Folds the online-softmax partial (m2, s2) into (m, s) (s = sum e^(z - m)); returns the factors that
-// rescaled each side, so that sums carried alongside follow. An empty side (s == 0) is skipped rather
-// than rescaled: its max may be kNegBig, and kNegBig - m can overflow to -inf.
-__device__ __forceinline__ void merge_max(float& m, float& s, float m2, float s2, float& a, float& a2) {
+// Folds the online-softmax partial (m2, s2) into (m, s) (s = sum 2^((u - m) f), f as in raise_max); returns
+// the factors that rescaled each side, so that sums carried alongside follow. An empty side (s == 0) is
+// skipped rather than rescaled: its max may be kNegBig, and kNegBig - m can overflow to -inf.
+__device__ __forceinline__ void merge_max(float& m, float& s, float m2, float s2, float f, float& a, float& a2) {
   if (s2 == 0.0f) {
     a = 1.0f;
     a2 = 0.0f;
@@ -86,8 +107,8 @@ __device__ __forceinline__ void merge_max(float& m, float& s, float m2, float s2
     m = m2;
   } else {
     const float mm = fmaxf(m, m2);
-    a = expf(m - mm);
-    a2 = expf(m2 - mm);
+    a = exp2_ftz((m - mm) * f);
+    a2 = exp2_ftz((m2 - mm) * f);
     m = mm;
   }
   s = s * a + s2 * a2;
@@ -95,17 +116,20 @@ __device__ __forceinline__ void merge_max(float& m, float& s, float m2, float s2
 
 template <int DIV>
 struct MergeStats {
+  float f;  // as in raise_max
+
   __device__ __forceinline__ void operator()(float (&v)[5], const float (&o)[5]) const {
     float a1, a2, b1, b2;
-    merge_max(v[0], v[1], o[0], o[1], a1, a2);
-    merge_max(v[2], v[3], o[2], o[3], b1, b2);
+    merge_max(v[0], v[1], o[0], o[1], f, a1, a2);
+    merge_max(v[2], v[3], o[2], o[3], f, b1, b2);
     if (DIV == kReverseKL) v[4] = v[4] * a1 + o[4] * a2;
     if (DIV == kForwardKL) v[4] = v[4] * b1 + o[4] * b2;
   }
 };
 
-// One row pair's scaled logits z = x * scale, zr = xr * scale, walked by one thread group: f(i, z, zr) gets
-// kPack elements from element i on (16-byte loads, when npack > 0) or, for the tail or unaligned rows, one.
+// One row pair's scaled logits z = x * scale, zr = xr * scale (raw x, xr with SCALED false), walked by one
+// thread group: f(i, z, zr) gets kPack elements from element i on (16-byte loads, when npack > 0) or, for the
+// tail or unaligned rows, one.
 struct RowPair {
   const char* x;
   const char* xr;
@@ -113,23 +137,48 @@ struct RowPair {
   float scale;
   int64_t npack;
 
-  template <int NT, class F>
+  template <int NT, bool SCALED = true, class F>
   __device__ __forceinline__ void for_each(int lane, int64_t V, F f) const {
-    for (int64_t i0 = lane * int64_t(kPack); i0 < npack * kPack; i0 += int64_t(NT) * kPack) {
+    const int64_t end = npack * kPack, step = int64_t(NT) * kPack;
+    int64_t i0 = lane * int64_t(kPack);
+    // kLoadPacks packs of both rows are loaded before f sees any: f may store over them (out may be x), so
+    // the compiler could not hoist the next loads above its stores itself.
+    for (; i0 + (kLoadPacks - 1) * step < end; i0 += kLoadPacks * step) {
+      float z[kLoadPacks][kPack], zr[kLoadPacks][kPack];
+#pragma unroll
+      for (int p = 0; p < kLoadPacks; ++p) {
+        load_pack(x_dtype, x, i0 + p * step, z[p]);
+        load_pack(xr_dtype, xr, i0 + p * step, zr[p]);
+      }
+#pragma unroll
+      for (int p = 0; p < kLoadPacks; ++p) {
+        if (SCALED) scale_pack(z[p], zr[p]);
+        f(i0 + p * step, z[p], zr[p]);
+      }
+    }
+    for (; i0 < end; i0 += step) {
       float z[kPack], zr[kPack];
       load_pack(x_dtype, x, i0, z);
       load_pack(xr_dtype, xr, i0, zr);
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) {
-        z[k] *= scale;
-        zr[k] *= scale;
-      }
+      if (SCALED) scale_pack(z, zr);
       f(i0, z, zr);
     }
-    for (int64_t i = npack * kPack + lane; i < V; i += NT) {
-      float z[1] = {load_one(x_dtype, x, i) * scale};
-      float zr[1] = {load_one(xr_dtype, xr, i) * scale};
+    for (int64_t i = end + lane; i < V; i += NT) {
+      float z[1] = {load_one(x_dtype, x, i)};
+      float zr[1] = {load_one(xr_dtype, xr, i)};
+      if (SCALED) {
+        z[0] *= scale;
+        zr[0] *= scale;
+      }
       f(i, z, zr);
+    }
+  }
+
+  __device__ __forceinline__ void scale_pack(float (&z)[kPack], float (&zr)[kPack]) const {
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) {
+      z[k] *= scale;
+      zr[k] *= scale;
     }
   }
 };
@@ -155,7 +204,7 @@ __device__ __forceinline__ bool masked(const int64_t* labels, int64_t ignore_ind
 
 template <int DIV, int NT>
 __global__ void __launch_bounds__(block_threads<NT>())
-    div_fwd_kernel(const DivFwdArgs a, const float scale, const DivCoef c) {
+    div_fwd_kernel(const DivFwdArgs a, const float scale, const DivCoef coef) {
   using G = Group<NT>;
   __shared__ float smem[5 * G::kWarps];
   const int64_t row = G::row();
@@ -169,11 +218,13 @@ __global__ void __launch_bounds__(block_threads<NT>())
                a.x.dtype, a.xr.dtype, scale, 0};
   pair.npack = aligned16(pair.x) && aligned16(pair.xr) ? a.V / kPack : 0;
   float st[5] = {kNegBig, 0.0f, kNegBig, 0.0f, 0.0f};
-  pair.for_each<NT>(lane, a.V, [&](int64_t, const auto& z, const auto& zr) { online_add<DIV>(z, zr, st); });
-  G::reduce(st, MergeStats<DIV>{}, smem);
-  const float m = st[0], s = st[1], mr = st[2], sr = st[3];
-  const float lse = m + logf(s);
-  const float lse_r = mr + logf(sr);
+  const float c = scale * kLog2e;
+  pair.for_each<NT, false>(lane, a.V, [&](int64_t, const auto& x, const auto& xr) { online_add<DIV>(x, xr, c, st); });
+  G::reduce(st, MergeStats<DIV>{kFused<DIV> ? 1.0f : c}, smem);
+  const float m = st[0], s = st[1], mr = st[2], sr = st[3];  // base 2 (kFused) or raw
+  // Raw maxima give the natural ones exactly as the backward's z = x * scale rounds them.
+  const float lse = kFused<DIV> ? (m + log2f(s)) * kLn2 : m * scale + logf(s);
+  const float lse_r = kFused<DIV> ? (mr + log2f(sr)) * kLn2 : mr * scale + logf(sr);
   const float dl = lse - lse_r;
   float value, s_a, s_b;
   if constexpr (DIV == kReverseKL || DIV == kForwardKL) {
@@ -181,14 +232,14 @@ __global__ void __launch_bounds__(block_threads<NT>())
     // fp32 lse's rounding would otherwise be all of a small KL's error); s_a = sum p (lp - lq + 1) keeps the
     // stored ones, which the backward's log-ratios use, so that their rounding cancels out of
     // p (d + 1 - s_a). Forward KL mirrors it.
-    const float exact_dl = (m - mr) + logf(s / sr);
+    const float exact_dl = ((m - mr) + log2f(s / sr)) * kLn2;
     if constexpr (DIV == kReverseKL) {
-      const float mean = st[4] / s;
+      const float mean = st[4] * scale / s;
       value = mean - exact_dl;
       s_a = (mean - dl) + 1.0f;
       s_b = -1.0f;
     } else {
-      const float mean = st[4] / sr;
+      const float mean = st[4] * scale / sr;
       value = mean + exact_dl;
       s_a = -1.0f;
       s_b = (mean + dl) + 1.0f;
@@ -198,7 +249,7 @@ __global__ void __launch_bounds__(block_threads<NT>())
     pair.for_each<NT>(lane, a.V, [&](int64_t, const auto& z, const auto& zr) {
 #pragma unroll
       for (int k = 0; k < len_of<decltype(z)>; ++k) {
-        const DivTerms t = terms<DIV>(z[k], zr[k], lse, lse_r, dl, c);
+        const DivTerms t = terms<DIV>(z[k], zr[k], lse, lse_r, dl, coef);
         sums[0] += t.qf;
         sums[1] += t.pa;
         sums[2] += t.qb;

@@ -51,28 +51,38 @@ __device__ __forceinline__ float to_w(float x, const Scale& sc, float& sech2) {
   return tanh_sech2(x * sc.inv_softcap, sech2) * sc.scale;
 }
 
-// Adds K logits (base 2) to the thread's online softmax (m, s, t).
-template <bool ENT, int K>
-__device__ __forceinline__ void online_add(const float (&w)[K], float& m, float& s, float& t) {
-  float bm = w[0];
+// Adds P packs of K logits to the thread's online softmax (m, s, t) in base 2: w = x * scale (scale > 0; with
+// a softcap the caller passes w itself and scale 1). The max is taken over x and scaled once (rounding is
+// monotonic, so it is the max of the rounded w), and each term's w - m is one FFMA: per element the loop is
+// a max, an FFMA, an exp2, an add and, for the entropy, a clamp and an FFMA, which keeps the forward from
+// being issue-bound (it was, at 14 instructions per element).
+template <bool ENT, int P, int K>
+__device__ __forceinline__ void online_add(const float (&x)[P][K], float scale, float& m, float& s, float& t) {
+  float bx = x[0][0];
 #pragma unroll
-  for (int k = 1; k < K; ++k) bm = fmaxf(bm, w[k]);
+  for (int p = 0; p < P; ++p)
+#pragma unroll
+    for (int k = 0; k < K; ++k) bx = fmaxf(bx, x[p][k]);
+  const float bm = bx * scale;
   if (bm > m) {
     if (s != 0.0f) {  // nothing to rescale yet while m is kNegBig
       const float shift = m - bm;
-      const float alpha = exp2f(shift);
+      const float alpha = exp2_ftz(shift);
       if (ENT) t = alpha * (t + shift * s);
       s *= alpha;
     }
     m = bm;
   }
+  const float neg_m = -m;
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    const float d = w[k] - m;
-    const float e = exp2f(d);
-    s += e;
-    if (ENT) t += e == 0.0f ? 0.0f : e * d;  // a -inf logit adds p log p = 0, not 0 * -inf
-  }
+  for (int p = 0; p < P; ++p)
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const float d = fmaf(x[p][k], scale, neg_m);
+      const float e = exp2_ftz(d);
+      s += e;
+      if (ENT) t = fmaf(e, fmaxf(d, kMinExp2), t);  // a -inf logit adds p log p = 0, not 0 * -inf
+    }
 }
 
 // Merges another thread's (m, s, t) into v; an empty side (s == 0) is skipped, never rescaled.
@@ -119,17 +129,32 @@ __global__ void __launch_bounds__(block_threads<NT>()) logprobs_fwd_kernel(const
   const char* x = row_ptr(a.x, DT, a.x_row_stride, row);
   float st[3] = {kNegBig, 0.0f, 0.0f};  // m, s, t
   float unused;
+  const float scale = CAP ? 1.0f : sc.scale;
   const int64_t npack = aligned16(x) ? a.V / kPack : 0;
-  for (int64_t g = lane; g < npack; g += NT) {
-    float w[kPack];
-    load_pack<DT>(x, g * kPack, w);
+  // kLoadPacks packs per thread and iteration, all loaded before any is used: more bytes in flight per warp.
+  int64_t g = lane;
+  for (; g + (kLoadPacks - 1) * NT < npack; g += kLoadPacks * NT) {
+    float v[kLoadPacks][kPack];
 #pragma unroll
-    for (int k = 0; k < kPack; ++k) w[k] = to_w<CAP>(w[k], sc, unused);
-    online_add<ENT>(w, st[0], st[1], st[2]);
+    for (int p = 0; p < kLoadPacks; ++p) load_pack<DT>(x, (g + p * NT) * kPack, v[p]);
+    if (CAP) {
+#pragma unroll
+      for (int p = 0; p < kLoadPacks; ++p)
+#pragma unroll
+        for (int k = 0; k < kPack; ++k) v[p][k] = to_w<true>(v[p][k], sc, unused);
+    }
+    online_add<ENT>(v, scale, st[0], st[1], st[2]);
+  }
+  for (; g < npack; g += NT) {
+    float v[1][kPack];
+    load_pack<DT>(x, g * kPack, v[0]);
+#pragma unroll
+    for (int k = 0; k < kPack; ++k) v[0][k] = CAP ? to_w<true>(v[0][k], sc, unused) : v[0][k];
+    online_add<ENT>(v, scale, st[0], st[1], st[2]);
   }
   for (int64_t i = npack * kPack + lane; i < a.V; i += NT) {
-    const float w[1] = {to_w<CAP>(load_one<DT>(x, i), sc, unused)};
-    online_add<ENT>(w, st[0], st[1], st[2]);
+    const float v[1][1] = {{CAP ? to_w<true>(load_one<DT>(x, i), sc, unused) : load_one<DT>(x, i)}};
+    online_add<ENT>(v, scale, st[0], st[1], st[2]);
   }
   G::reduce(st, MergeSoftmax{}, smem);
   if (lane == 0) {
@@ -144,17 +169,15 @@ __global__ void __launch_bounds__(block_threads<NT>()) logprobs_fwd_kernel(const
 }
 
 struct RowGrad {
-  float lse2, gl, ghl, mu2, inv_temperature;
-  int64_t y;
+  float lse2, gl_t, ghl_t, mu2, scale;  // gl_t, ghl_t: g_logp and g_H ln2, each / T
 
-  // dL/dx at one element: dz = g_logp (1[v == y] - p) - g_H p (z - mu), then / T and the softcap's
-  // sech^2. p == 0 guards -inf logits, where g_H (z - mu) would turn a zero gradient into NaN.
-  __device__ __forceinline__ float operator()(float w, float sech2, int64_t v, bool cap) const {
-    const float p = exp2f(w - lse2);
-    float dz = p == 0.0f ? 0.0f : -p * (gl + ghl * (w - mu2));
-    if (v == y) dz += gl;
-    const float dx = dz * inv_temperature;
-    return cap ? dx * sech2 : dx;
+  // dL/dx at one element of logit u, u = x (scale = log2(e) / T) or w itself (softcap: scale 1, times its
+  // sech^2 after): dz = g_logp (1[v == y] - p) - g_H p (z - mu), then / T. `label` says v == y. p == 0
+  // guards -inf logits, where g_H (z - mu) would turn a zero gradient into NaN.
+  __device__ __forceinline__ float operator()(float u, bool label) const {
+    const float p = exp2_ftz(fmaf(u, scale, -lse2));
+    float dx = p == 0.0f ? 0.0f : -p * fmaf(ghl_t, fmaf(u, scale, -mu2), gl_t);
+    return label ? dx + gl_t : dx;
   }
 };
 
@@ -174,29 +197,48 @@ __global__ void __launch_bounds__(block_threads<NT>()) logprobs_bwd_kernel(const
   const bool has_entropy = a.entropy != nullptr && a.grad_entropy != nullptr;
   RowGrad grad;
   grad.lse2 = a.lse[row] * kLog2e;
-  grad.gl = a.grad_logp != nullptr ? a.grad_logp[row] : 0.0f;
+  grad.gl_t = (a.grad_logp != nullptr ? a.grad_logp[row] : 0.0f) * sc.inv_temperature;
   // dH/dz = -p (z - mu) with z - mu = (w - mu2) ln2: ln2 goes into the weight once.
-  grad.ghl = has_entropy ? a.grad_entropy[row] * kLn2 : 0.0f;
+  grad.ghl_t = has_entropy ? a.grad_entropy[row] * kLn2 * sc.inv_temperature : 0.0f;
   grad.mu2 = has_entropy ? grad.lse2 - a.entropy[row] * kLog2e : 0.0f;
-  grad.inv_temperature = sc.inv_temperature;
-  grad.y = y;
-  const int64_t npack = aligned16(x) && aligned16(out) ? a.V / kPack : 0;
-#pragma unroll 2  // two packs in flight per thread, as Triton's 16 elements per thread
-  for (int64_t g = lane; g < npack; g += NT) {
-    float v[kPack];
-    load_pack<DI>(x, g * kPack, v);
+  grad.scale = CAP ? 1.0f : sc.scale;
+  // The gradient of kPack elements from element i0 on, in place in v.
+  auto pack_grad = [&](int64_t i0, float (&v)[kPack]) {
+    const int64_t dy = y - i0;
+    const int ky = dy >= 0 && dy < kPack ? int(dy) : -1;  // the label's place in the pack, compared in 32 bits
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
       float sech2 = 1.0f;
-      const float w = to_w<CAP>(v[k], sc, sech2);
-      v[k] = grad(w, sech2, g * kPack + k, CAP);
+      const float u = CAP ? to_w<true>(v[k], sc, sech2) : v[k];
+      const float dx = grad(u, k == ky);
+      v[k] = CAP ? dx * sech2 : dx;
     }
+  };
+  const int64_t npack = aligned16(x) && aligned16(out) ? a.V / kPack : 0;
+  // Every pack of an iteration is loaded before any is stored: out may be x, so the compiler may not hoist
+  // the next load above a store on its own.
+  int64_t g = lane;
+  for (; g + (kLoadPacks - 1) * NT < npack; g += kLoadPacks * NT) {
+    float v[kLoadPacks][kPack];
+#pragma unroll
+    for (int p = 0; p < kLoadPacks; ++p) load_pack<DI>(x, (g + p * NT) * kPack, v[p]);
+#pragma unroll
+    for (int p = 0; p < kLoadPacks; ++p) {
+      pack_grad((g + p * NT) * kPack, v[p]);
+      store_pack<DO>(out, (g + p * NT) * kPack, v[p]);
+    }
+  }
+  for (; g < npack; g += NT) {
+    float v[kPack];
+    load_pack<DI>(x, g * kPack, v);
+    pack_grad(g * kPack, v);
     store_pack<DO>(out, g * kPack, v);
   }
   for (int64_t i = npack * kPack + lane; i < a.V; i += NT) {
     float sech2 = 1.0f;
-    const float w = to_w<CAP>(load_one<DI>(x, i), sc, sech2);
-    store_one<DO>(out, i, grad(w, sech2, i, CAP));
+    const float u = CAP ? to_w<true>(load_one<DI>(x, i), sc, sech2) : load_one<DI>(x, i);
+    const float dx = grad(u, i == y);
+    store_one<DO>(out, i, CAP ? dx * sech2 : dx);
   }
 }
 

@@ -100,10 +100,11 @@ _MODULES = {
 }
 
 
-# ``auto``'s order of preference on CUDA tensors, per row-kernel family. An H200, bf16, N = 8192, V = 128256
-# (benchmarks/NOTES.md "GPU"): the CUDA C++ log-prob kernels took 0.674 ms forward and 1.768 ms
-# forward+backward against Triton's 0.816 and 1.926; Triton's divergence kernels 1.386 and 2.865 against
-# 1.456 and 3.088. There is no CUDA C++ pairwise kernel.
+# ``auto``'s order of preference on CUDA tensors, per row-kernel family. An H200, bf16, N = 8192, V = 128256,
+# bare kernels (benchmarks/NOTES.md "GPU, second session"): the CUDA C++ log-prob kernels took 0.425 ms
+# forward and 1.414 ms forward+backward against Triton's 0.631 and 1.646; for reverse KL the CUDA forward is
+# faster (1.022 ms against 1.163) but forward+backward, what training runs, slower (2.714 against 2.689;
+# 2.800 against 2.639 at N = 32768, V = 32000). There is no CUDA C++ pairwise kernel.
 AUTO_CUDA = {"logprobs": ("cuda", "triton"), "divergence": ("triton", "cuda"), "pairwise": ("triton",)}
 
 

@@ -359,8 +359,10 @@ def test_runs_on_the_current_stream():
 
 
 @needs_gpu
-def test_auto_keeps_triton_on_cuda_tensors():
+def test_auto_on_cuda_tensors_takes_the_measured_order():
     from fastpref import _backends
 
-    expect = "triton" if fastpref.backends()["triton"].available else "cuda"
-    assert _backends.resolve("auto", torch.device("cuda")) == expect
+    infos = fastpref.backends()
+    for family, order in _backends.AUTO_CUDA.items():
+        expect = next((name for name in order if infos[name].available), "torch")
+        assert _backends.resolve("auto", torch.device("cuda"), family) == expect, family

@@ -218,10 +218,14 @@ def test_layouts_dtypes_and_optional_arguments(kern, name, param):
     fwd, outs = run(kern, xb, xh, None, name, param, grad=grad, outs=[gx, gxr])
     check(fwd, outs, want, RTOL)
     assert gx_buf.isnan().sum() == n * 7 and gxr_buf.isnan().sum() == n * 64  # the padding is untouched
-    # The same logits in fp32 give the same statistics, up to fp32 rounding.
+    # The same logits in fp32 give the same statistics, up to fp32 rounding. On a GPU the padded 16-bit rows
+    # take the scalar path and the fp32 ones the vector path, which sum in other orders (and contract other
+    # FMAs): the two-pass divergences' sums (js, alpha, hellinger) then differ by more than 1e-6 on an H200,
+    # so there each is held to the float64 oracle's bound, which check() above met for both.
+    rtol, atol = (1e-6, 1e-7) if dev.type == "cpu" else (2e-5, 2 * ATOL)
     fwd32 = kern.div_forward(x.to(dev), xr.to(dev), None, div_id=REGISTRY[name].kernel_id, param=param)
     for what, a, b in zip(STATS, fwd32, fwd):
-        close(a, b, 1e-6, f"{what}: 16-bit and fp32 copies of the same logits", atol=1e-7)
+        close(a, b, rtol, f"{what}: 16-bit and fp32 copies of the same logits", atol=atol)
     # Either output alone is the same as with both, and labels without masked rows are the same as none.
     # (Runs that pass ``fwd`` only need the backward: the Triton interpreter is slow.)
     only_x = torch.empty(n, V, device=dev)
