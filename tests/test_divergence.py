@@ -7,7 +7,7 @@ import torch
 import fastpref
 from conftest import backend_params
 from oracle import divergence_f64
-from test_logprobs import TOL, close, make_labels
+from test_logprobs import TOL, LargestAllocation, close, make_labels
 
 BACKENDS = backend_params("torch", "cpu", "triton")
 DIVS = [("reverse_kl", None), ("forward_kl", None), ("js", 0.5), ("js", 0.2), ("alpha", 0.5), ("alpha", 0.8),
@@ -127,6 +127,20 @@ def test_linear_token_divergence_frozen_reference(backend):
     divergence_f64(rh @ rw.T, (hr @ wr.T).double(), "reverse_kl").sum().backward()
     close(h.grad, rh.grad, 5e-5, "grad hidden")
     close(w.grad, rw.grad, 5e-5, "grad weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_token_divergence_weight_grads_need_no_fp32_copy(backend):
+    """16-bit heads' gradients are written slice by slice in their dtype: nothing [V, H]-sized in fp32."""
+    N, H, V, chunk = 24, 64, 3001, 4
+    h, hr = (torch.randn(N, H, dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    w, wr = ((torch.randn(V, H) * 0.2).to(torch.bfloat16).requires_grad_() for _ in range(2))
+    labels = make_labels((N,), V)
+    out = fastpref.linear_token_divergence(h, w, hr, wr, labels=labels, chunk_size=chunk, backend=backend)
+    with LargestAllocation() as mode:
+        out.sum().backward()
+    assert mode.largest <= max(chunk * V * 4, V * H * 2), f"a tensor of {mode.largest} bytes was allocated"
+    assert w.grad.dtype == wr.grad.dtype == torch.bfloat16
 
 
 def test_divergence_errors():

@@ -131,10 +131,11 @@ def test_linear_logprobs_chunks(backend, chunk_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_logprobs_softcap_no_bias_large_vocab(backend):
+@pytest.mark.parametrize("chunk_size", [2, 1])  # the backward in one vocabulary slice, and in three
+def test_linear_logprobs_softcap_no_bias_large_vocab(backend, chunk_size):
     V, H = 70001, 16
     check_linear(backend, torch.randn(3, H), torch.randn(V, H), None, torch.tensor([5, -100, V - 1]),
-                 softcap=4.0, chunk_size=2)
+                 softcap=4.0, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,7 +163,7 @@ def test_linear_logprobs_hidden_only_and_no_grad(backend):
     assert out.grad_fn is None
 
 
-class _LargestAllocation(TorchDispatchMode):
+class LargestAllocation(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.largest = 0
@@ -181,11 +182,28 @@ def test_linear_logprobs_never_materializes_full_logits(backend):
     hidden = torch.randn(N, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     labels = torch.randint(0, V, (N,))
-    with _LargestAllocation() as mode:
+    with LargestAllocation() as mode:
         lp, ent = fastpref.linear_logprobs(hidden, weight, labels, return_entropy=True, chunk_size=chunk,
                                            backend=backend)
         (lp.sum() + ent.sum()).backward()
     assert mode.largest <= 4 * max(chunk * V, V * H), f"a tensor of {mode.largest} bytes was allocated"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_weight_grad_needs_no_fp32_copy(backend):
+    """A bf16 head's gradient is written slice by slice in bf16: nothing [V, H]-sized in fp32 (the token-chunked
+    backward accumulated it in an fp32 [V, H] buffer, twice the gradient's size)."""
+    N, H, V, chunk = 24, 64, 3001, 4
+    hidden = torch.randn(N, H, dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, H) * 0.2).to(torch.bfloat16).requires_grad_()
+    labels = torch.randint(0, V, (N,))
+    labels[::5] = -100
+    lp = fastpref.linear_logprobs(hidden, weight, labels, chunk_size=chunk, backend=backend)
+    with LargestAllocation() as mode:
+        lp.sum().backward()
+    logits_bytes = chunk * V * 4  # the fp32 logits of a slice
+    assert mode.largest <= max(logits_bytes, V * H * 2), f"a tensor of {mode.largest} bytes was allocated"
+    assert weight.grad.dtype == torch.bfloat16
 
 
 def test_auto_chunk_size_is_bounded():

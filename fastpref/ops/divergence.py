@@ -13,8 +13,8 @@ from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops._vocab_parallel import div_forward as vocab_parallel_div_forward
 from fastpref.ops._vocab_parallel import group_size
-from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, auto_chunk_size,
-                                   chunk_buffers, gather_rows, row_buffer)
+from fastpref.ops.logprobs import (SliceGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, auto_chunk_size,
+                                   gather_rows, row_buffer, slice_buffers, slice_width, take)
 
 
 def token_div_forward(logits, ref_logits, labels, kw, backend, group=None):
@@ -145,32 +145,34 @@ def linear_div_forward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, l
 def linear_div_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, lse, lse_r, s_a, s_b, grad,
                         needs, kw, chunk, backend):
     """The gradients of ``linear_token_divergence`` w.r.t. (hidden, weight, bias, ref_hidden, ref_weight,
-    ref_bias), None where ``needs`` (6 bools) is False: both heads' chunks are recomputed, ``chunk`` rows at a
-    time (None: the forward's default)."""
+    ref_bias), None where ``needs`` (6 bools) is False: both heads' logits are recomputed a slice of the
+    vocabulary at a time for every kept token (``SliceGrads``: no fp32 [V, H] accumulator), a slice holding at
+    most the forward's ``chunk`` rows of both heads' logits (None: the forward's default). The kernels' gradient
+    of an element needs only its row's statistics, so a slice needs no correction."""
     ops = _backends.row_kernels(backend, "divergence")
     V = weight.shape[0]
     rows = None if labels is None else _kept_rows(labels, kw["ignore_index"])
     sel = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
     g_all, lse, lse_r, s_a, s_b = (sel(t) for t in (grad.float().contiguous(), lse, lse_r, s_a, s_b))
+    hs = [sel(hidden), sel(ref_hidden)]
     n = lse.shape[0]
-    chunk = min(_div_chunk(chunk, n, V, hidden), max(n, 1))
-    hbufs = [row_buffer(rows, chunk, h) for h in (hidden, ref_hidden)]
-    sides = []  # (HeadGrads or None for a frozen head, logits buffer, gradient buffer or None)
-    for hh, w, b, need in ((hidden, weight, bias, needs[0:3]), (ref_hidden, ref_weight, ref_bias, needs[3:6])):
+    width = slice_width(n, V, _div_chunk(chunk, n, V, hidden))
+    sides = []  # (SliceGrads or None for a frozen head, flat logits buffer, flat gradient buffer or None)
+    for hh, w, b, need in ((hs[0], weight, bias, needs[0:3]), (hs[1], ref_weight, ref_bias, needs[3:6])):
         if any(need):
-            sides.append((HeadGrads(hh, w, b, need, rows=rows), *chunk_buffers(chunk, V, hh)))
+            sides.append((SliceGrads(hh, w, b, need, single=width == V), *slice_buffers(n, width, hh)))
         else:
-            sides.append((None, torch.empty(chunk, V, dtype=_logits_dtype(hh), device=hh.device), None))
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        hc = [gather_rows(hh, rows, s, e, hb) for hh, hb in zip((hidden, ref_hidden), hbufs)]
-        z = _chunk_logits(hc[0], weight, bias, sides[0][1][: e - s])
-        zr = _chunk_logits(hc[1], ref_weight, ref_bias, sides[1][1][: e - s])
-        outs = [None if gbuf is None else gbuf[: e - s] for _, _, gbuf in sides]
-        ops.div_backward(z, zr, None, lse[s:e], lse_r[s:e], s_a[s:e], s_b[s:e], g_all[s:e], *outs, **kw)
-        for (grads, _, _), g, x in zip(sides, outs, hc):
+            sides.append((None, torch.empty(n * width, dtype=_logits_dtype(hh), device=hh.device), None))
+    for a in range(0, V, width):
+        b = min(a + width, V)
+        z = _chunk_logits(hs[0], weight[a:b], None if bias is None else bias[a:b], take(sides[0][1], n, b - a))
+        zr = _chunk_logits(hs[1], ref_weight[a:b], None if ref_bias is None else ref_bias[a:b],
+                           take(sides[1][1], n, b - a))
+        outs = [None if gbuf is None else take(gbuf, n, b - a) for _, _, gbuf in sides]
+        ops.div_backward(z, zr, None, lse, lse_r, s_a, s_b, g_all, *outs, **kw)
+        for (grads, _, _), g in zip(sides, outs):
             if grads is not None:
-                grads.add(g, s, e, x)
+                grads.add(g, a, b)
     result = []
     for (grads, _, _), full_h in zip(sides, (hidden, ref_hidden)):
         result += grads.result(full_h, rows) if grads is not None else (None, None, None)
@@ -178,7 +180,7 @@ def linear_div_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
 
 
 class LinearTokenDivergenceFunction(torch.autograd.Function):
-    """Chunks of both heads' logits in bounded buffers; backward recomputes them."""
+    """Chunks of both heads' logits in bounded buffers; backward recomputes them a vocabulary slice at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, labels, kw, chunk_size, backend):
@@ -200,10 +202,12 @@ def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergenc
                             backend="auto", **params):
     """``token_divergence`` of ``hidden @ weight.T + bias`` against ``ref_hidden @ ref_weight.T + ref_bias``.
 
-    Neither [N, V] logits is materialized: both heads run on bounded chunks of tokens (forward keeps the
-    log-sum-exps and two per-token sums; backward recomputes both chunks). Gradients flow to every tensor
-    that requires one, the reference side included (distillation); weight/bias gradients accumulate in
-    fp32. Positions masked by ``labels`` are dropped before the matmuls.
+    Neither [N, V] logits is materialized: the forward runs both heads on bounded chunks of tokens and keeps
+    the log-sum-exps and two per-token sums; the backward recomputes both heads' logits a slice of the
+    vocabulary at a time for all tokens, within the same bound. Gradients flow to every tensor that requires
+    one, the reference side included (distillation); each slice's weight/bias gradient is one matmul (fp32
+    accumulation inside it) written in their dtype, the hidden gradients are summed in fp32. Positions masked
+    by ``labels`` are dropped before the matmuls.
 
     hidden [..., H], weight [V, H]; ref_hidden [..., H_ref] with the same leading dims, ref_weight
     [V, H_ref] (the reference may have another hidden size). See ``token_divergence`` for the rest. Either

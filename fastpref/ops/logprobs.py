@@ -187,13 +187,15 @@ def _chunk_logits(h, weight, bias, out):
 
 
 def _accumulate_fp32(acc, a, b):
-    """acc (fp32) += a @ b without rounding the product to a's dtype."""
+    """acc (fp32) += a @ b. Half inputs on CUDA: the matmul writes fp32, the product is never rounded to their
+    dtype. On CPU, which has no such matmul, the product is rounded to their dtype once before the fp32 sum:
+    fp32 copies of a and b instead cost a temporary as large as the chunk's logits in fp32."""
     if a.dtype == torch.float32:
         acc.addmm_(a, b)
     elif a.is_cuda:
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        acc.add_(a @ b)
 
 
 def chunk_buffers(rows, V, hidden):
@@ -258,6 +260,65 @@ class HeadGrads:
                 None if self.gb is None else self.gb.to(self.bias.dtype))
 
 
+class SliceGrads:
+    """Gradients of a linear head from the gradient of its logits, a slice of the vocabulary at a time over all
+    its input rows ``h`` [n, H] (the kept tokens): each slice's weight and bias gradient is one matmul (fp32
+    accumulation inside it) written once in their dtype, and only the hidden gradient [n, H] is summed over
+    the slices, in fp32 (written directly when ``single``: one slice covers the vocabulary). Chunking tokens
+    instead (``HeadGrads``) needs an fp32 [V, H] accumulator, read and written once per chunk: on a GPU with
+    a 16-bit head, twice the size of the gradient it returns. ``need`` = (hidden, weight, bias)."""
+
+    def __init__(self, h, weight, bias, need, single):
+        self.h, self.weight, self.single = h, weight, single
+        self.dh = None
+        if need[0]:
+            self.dh = torch.empty_like(h) if single else h.new_zeros(h.shape, dtype=torch.float32)
+        self.gw = torch.empty_like(weight) if need[1] else None
+        self.gb = torch.empty_like(bias) if need[2] else None
+
+    def add(self, g, a, b):
+        """Adds slice [a, b)'s logit gradient ``g`` [n, b - a]."""
+        w_s = self.weight[a:b]
+        if self.dh is not None:
+            if self.single:
+                torch.mm(g, w_s, out=self.dh)
+            else:
+                _accumulate_fp32(self.dh, g, w_s)
+        if self.gw is not None:
+            torch.mm(g.t(), self.h, out=self.gw[a:b])
+        if self.gb is not None:
+            self.gb[a:b] = g.sum(0, dtype=torch.float32)
+
+    def result(self, hidden, rows):
+        """(grad hidden, grad weight, grad bias); ``h`` was ``hidden[rows]`` (rows None: all of it)."""
+        dh = self.dh
+        if dh is not None:
+            dh = dh.to(hidden.dtype)
+            if rows is not None:
+                dh = torch.zeros_like(hidden).index_copy_(0, rows, dh)
+        return dh, self.gw, self.gb
+
+
+def slice_width(n, V, chunk):
+    """Vocabulary columns per slice for ``n`` token rows: a slice holds at most the logits of ``chunk`` token
+    rows, the forward's bound; the slices are made equal (no sliver of a few columns at the end)."""
+    if n == 0:
+        return V
+    slices = -(-V // max(1, min(V, chunk * V // n)))
+    return -(-V // slices)
+
+
+def slice_buffers(n, width, hidden):
+    """``chunk_buffers`` for slices of ``width`` columns, flat: ``take(buf, cols)`` is then a contiguous
+    [n, cols] view for the last, narrower slice too (matmul ``out=``)."""
+    return tuple(t.view(-1) for t in chunk_buffers(n, width, hidden))
+
+
+def take(buf, n, cols):
+    """The first n * cols elements of a flat buffer as [n, cols]."""
+    return buf[: n * cols].view(n, cols)
+
+
 def scale_head_grads(grad, grads):
     """The saved head gradients of a scalar loss times its upstream gradient ``grad`` (a 0-d tensor); no
     copy of the weight-sized gradient in the usual ``loss.backward()``, where ``grad`` is 1."""
@@ -299,40 +360,41 @@ def linear_forward(hidden, weight, bias, labels, temperature, softcap, ignore_in
 
 def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_entropy, need, temperature,
                     softcap, ignore_index, chunk, backend, group=None):
-    """(grad hidden, grad weight, grad bias) of ``linear_logprobs``, None where ``need`` (3 bools) is False:
-    each chunk's logits are recomputed, ``chunk`` rows at a time (None: ``auto_chunk_size``). With ``group``,
-    the hidden gradient is summed over the group (the hidden states are replicated on its ranks, each of which
-    holds a slice of the head)."""
+    """(grad hidden, grad weight, grad bias) of ``linear_logprobs``, None where ``need`` (3 bools) is False.
+
+    The logits are recomputed a slice of the vocabulary at a time for every kept token (``SliceGrads``), a slice
+    holding at most ``chunk`` * V logits (``chunk``: the forward's token rows per chunk, None for
+    ``auto_chunk_size``). The row kernels see each slice as a vocabulary shard (as with ``group``): a token
+    whose label lies outside the slice gets column 0, whose one-hot ``fix_first_column`` removes. With
+    ``group``, the hidden gradient is summed over the group (the hidden states are replicated on its ranks,
+    each of which holds a slice of the head)."""
     ops = _backends.row_kernels(backend, "logprobs")
     V = weight.shape[0]
     rows = _kept_rows(labels, ignore_index)
     pick = (lambda t: t) if rows is None else (lambda t: None if t is None else t.index_select(0, rows))
     shard = None if group is None else VocabShard(labels, V, ignore_index, group)
-    kw = dict(temperature=temperature, softcap=softcap, ignore_index=ignore_index if shard is None else LOCAL_IGNORE)
     y = pick(labels if shard is None else shard.labels)
-    fix = None if shard is None else pick(shard.keep & ~shard.owned)
+    held = None if shard is None else pick(shard.owned)  # the kept tokens whose label this rank holds
     gl, gh = pick(_f32(grad_logp)), pick(_f32(grad_entropy))
     lse = pick(lse)
     ent = pick(entropy) if gh is not None else None
-
-    grads = HeadGrads(hidden, weight, bias, need, rows=rows)
-    n = y.shape[0]
-    chunk = min(chunk or auto_chunk_size(n, V, hidden), max(n, 1))
-    buf, gbuf = chunk_buffers(chunk, V, hidden)
-    hbuf = row_buffer(rows, chunk, hidden)
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
-        hc = grads.gather(s, e, hbuf)
-        z = _chunk_logits(hc, weight, bias, buf[: e - s])
-        x0 = None if shard is None else first_column(z)  # before the kernel overwrites z (g may alias it)
-        g = gbuf[: e - s]
-        ops.row_backward(z, y[s:e], lse[s:e], None if ent is None else ent[s:e],
-                         None if gl is None else gl[s:e], None if gh is None else gh[s:e], g, **kw)
-        if shard is not None:
-            fix_first_column(g, x0, fix[s:e], lse[s:e], None if ent is None else ent[s:e],
-                             None if gl is None else gl[s:e], None if gh is None else gh[s:e],
-                             temperature=temperature, softcap=softcap)
-        grads.add(g, s, e, hc)
+    h = pick(hidden)
+    n = h.shape[0]
+    width = slice_width(n, V, chunk or auto_chunk_size(n, V, hidden))
+    grads = SliceGrads(h, weight, bias, need, single=width == V)
+    buf, gbuf = slice_buffers(n, width, hidden)
+    kw = dict(temperature=temperature, softcap=softcap, ignore_index=LOCAL_IGNORE)
+    for a in range(0, V, width):
+        b = min(a + width, V)
+        z = _chunk_logits(h, weight[a:b], None if bias is None else bias[a:b], take(buf, n, b - a))
+        inside = (y >= a) & (y < b) if held is None else held & (y >= a) & (y < b)
+        # Column 0's raw logits, before the kernel may overwrite z with g; not needed when every label is inside.
+        x0 = None if gl is None or (width == V and held is None) else first_column(z)
+        g = take(gbuf, n, b - a)
+        ops.row_backward(z, torch.where(inside, y - a, 0), lse, ent, gl, gh, g, **kw)
+        if x0 is not None:
+            fix_first_column(g, x0, ~inside, lse, ent, gl, gh, temperature=temperature, softcap=softcap)
+        grads.add(g, a, b)
     result = grads.result(hidden, rows)
     if shard is not None and result[0] is not None:
         dist.all_reduce(result[0], group=group)
@@ -340,7 +402,7 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """Forward keeps only lse (and entropy) per token; backward recomputes each chunk's logits."""
+    """Forward keeps only lse (and entropy) per token; backward recomputes the logits a vocabulary slice at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, temperature, softcap, ignore_index, with_entropy, chunk_size,
@@ -383,7 +445,7 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, tem
         weight: [V, H] output head (same dtype as ``hidden``); ``bias``: optional [V].
         labels: [...] (the leading dims of ``hidden``), in [0, V) or ``ignore_index``.
         chunk_size: token rows per chunk; default chosen from V and the device's (free) memory, see
-            ``auto_chunk_size``. Peak extra memory is O(chunk_size * V + N).
+            ``auto_chunk_size``. Peak extra memory is O(chunk_size * V + N * H).
         backend: "auto", "triton", "cpu" or "torch" for the row kernel run on each chunk.
         process_group: vocabulary parallelism (Megatron layout, as in ``token_logprobs``): ``weight`` [V_local, H]
             (and ``bias``) hold this rank's vocabulary rows, ``hidden`` and ``labels`` (global ids) are the same on
@@ -394,10 +456,12 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, tem
     is gathered for the call and its gradient reduce-scattered back to the shards (averaged over the mesh, as
     FSDP2 does); a DeepSpeed ZeRO-3 parameter is gathered when it needs no gradient.
 
-    The forward keeps only the log-sum-exp (and entropy) per token; the backward recomputes each chunk's
-    logits (4 matmuls in all against 3 for the naive path, in exchange for the memory). Ignored tokens are
-    dropped before any matmul. Gradients flow to hidden, weight and bias; the weight and bias gradients are
-    accumulated in fp32 and returned in their dtype.
+    The forward keeps only the log-sum-exp (and entropy) per token, a chunk of tokens at a time; the backward
+    recomputes the logits a slice of the vocabulary at a time for all tokens (4 matmuls in all against 3 for
+    the naive path, in exchange for the memory). Ignored tokens are dropped before any matmul. Gradients flow
+    to hidden, weight and bias: each slice's weight and bias gradient comes from one matmul (fp32 accumulation
+    inside it) and is written once in their dtype, so no fp32 [V, H] buffer is needed; the hidden gradient is
+    summed over the slices in fp32.
     """
     weight, bias = gathered("weight", weight), gathered("bias", bias)
     check_float("hidden", hidden, min_dim=1)
