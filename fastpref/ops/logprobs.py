@@ -309,7 +309,7 @@ def slice_width(n, V, chunk):
 
 
 def slice_buffers(n, width, hidden):
-    """``chunk_buffers`` for slices of ``width`` columns, flat: ``take(buf, cols)`` is then a contiguous
+    """``chunk_buffers`` for slices of ``width`` columns, flat: ``take(buf, n, cols)`` is then a contiguous
     [n, cols] view for the last, narrower slice too (matmul ``out=``)."""
     return tuple(t.view(-1) for t in chunk_buffers(n, width, hidden))
 
