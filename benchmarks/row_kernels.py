@@ -26,6 +26,7 @@ import time
 import torch
 
 import fastpref
+from fastpref._backends import row_kernels
 
 
 def timer(device, warmup=50, rep=300):
@@ -88,12 +89,7 @@ def bare_kernels(op, impl):
     the torch path."""
     if impl not in ("triton", "cuda", "cpu"):
         return None
-    import importlib
-
-    if impl == "triton":
-        mod = importlib.import_module("fastpref.kernels.triton." + ("logprobs" if op == "token_logprobs" else "divergence"))
-    else:
-        mod = importlib.import_module(f"fastpref.kernels.{impl}")
+    mod = row_kernels(impl, "logprobs" if op == "token_logprobs" else "divergence")
     if op == "token_logprobs":
         def fwd(x, xr, y):
             return mod.row_forward(x, y, with_entropy=True)

@@ -227,7 +227,7 @@ __global__ void __launch_bounds__(block_threads<NT>())
   const float lse_r = kFused<DIV> ? (mr + log2f(sr)) * kLn2 : mr * scale + logf(sr);
   const float dl = lse - lse_r;
   float value, s_a, s_b;
-  if constexpr (DIV == kReverseKL || DIV == kForwardKL) {
+  if constexpr (kFused<DIV>) {
     // sum p (lp - lq) = E_p[z - zr] - (lse - lse_r), that difference taken from its unrounded parts (the
     // fp32 lse's rounding would otherwise be all of a small KL's error); s_a = sum p (lp - lq + 1) keeps the
     // stored ones, which the backward's log-ratios use, so that their rounding cancels out of

@@ -14,7 +14,8 @@ from fastpref.ops._sharded import gathered
 from fastpref.ops._vocab_parallel import div_forward as vocab_parallel_div_forward
 from fastpref.ops._vocab_parallel import group_size
 from fastpref.ops.logprobs import (SliceGrads, _chunk_logits, _kept_rows, _logits_dtype, _row_pieces, auto_chunk_size,
-                                   gather_rows, row_buffer, slice_buffers, slice_width, take)
+                                   gather_rows, row_buffer, slice_buffers, slice_logits, slice_width,
+                                   take)
 
 
 def token_div_forward(logits, ref_logits, labels, kw, backend, group=None):
@@ -165,9 +166,8 @@ def linear_div_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, 
             sides.append((None, torch.empty(n * width, dtype=_logits_dtype(hh), device=hh.device), None))
     for a in range(0, V, width):
         b = min(a + width, V)
-        z = _chunk_logits(hs[0], weight[a:b], None if bias is None else bias[a:b], take(sides[0][1], n, b - a))
-        zr = _chunk_logits(hs[1], ref_weight[a:b], None if ref_bias is None else ref_bias[a:b],
-                           take(sides[1][1], n, b - a))
+        z = slice_logits(hs[0], weight, bias, a, b, sides[0][1])
+        zr = slice_logits(hs[1], ref_weight, ref_bias, a, b, sides[1][1])
         outs = [None if gbuf is None else take(gbuf, n, b - a) for _, _, gbuf in sides]
         ops.div_backward(z, zr, None, lse, lse_r, s_a, s_b, g_all, *outs, **kw)
         for (grads, _, _), g in zip(sides, outs):

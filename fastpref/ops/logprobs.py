@@ -319,6 +319,11 @@ def take(buf, n, cols):
     return buf[: n * cols].view(n, cols)
 
 
+def slice_logits(h, weight, bias, a, b, buf):
+    """The logits of vocabulary slice [a, b) of the head (weight, bias) for the rows ``h``, in the flat ``buf``."""
+    return _chunk_logits(h, weight[a:b], None if bias is None else bias[a:b], take(buf, h.shape[0], b - a))
+
+
 def scale_head_grads(grad, grads):
     """The saved head gradients of a scalar loss times its upstream gradient ``grad`` (a 0-d tensor); no
     copy of the weight-sized gradient in the usual ``loss.backward()``, where ``grad`` is 1."""
@@ -386,7 +391,7 @@ def linear_backward(hidden, weight, bias, labels, lse, entropy, grad_logp, grad_
     kw = dict(temperature=temperature, softcap=softcap, ignore_index=LOCAL_IGNORE)
     for a in range(0, V, width):
         b = min(a + width, V)
-        z = _chunk_logits(h, weight[a:b], None if bias is None else bias[a:b], take(buf, n, b - a))
+        z = slice_logits(h, weight, bias, a, b, buf)
         inside = (y >= a) & (y < b) if held is None else held & (y >= a) & (y < b)
         # Column 0's raw logits, before the kernel may overwrite z with g; not needed when every label is inside.
         x0 = None if gl is None or (width == V and held is None) else first_column(z)
