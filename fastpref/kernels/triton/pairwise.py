@@ -33,6 +33,9 @@ exp((a - 1) rho)):
 Every sigmoid and log-sigmoid comes from e = exp(-|x|) in (0, 1] (``_sigmoids``), so nothing overflows
 whatever the log-ratio, and log sig(x) = min(x, 0) - log1p(e) keeps its relative precision for large x;
 discopop's exp(-z) sig(z / tau) is exp(-z + log sig(z / tau)), finite where exp(-z) alone would overflow.
+Every exp is ``_exp`` (a few ulp for any argument, where a GPU's tl.exp loses |x| 2^-24) and every division
+is correctly rounded (``div_rn``, not a GPU's 2-ulp div.full): a batch of pairs is small, so accuracy
+costs nothing measurable here.
 The exponential scores (forward_kl, alpha) exceed fp32 for rho below about -88 / (1 - alpha), and such a
 pair's loss or gradients are inf or NaN, as on the torch path; where a factor that vanishes faster meets
 such an infinite score (sig(-z) = 0, hinge's flat side, eps = 0), the product is its limit 0 (``_times``).
@@ -90,14 +93,33 @@ def _log1p(e):
     u = 1.0 + e
     d = u - 1.0
     tiny = d == 0.0
-    return tl.where(tiny, e, tl.log(u) * (e / tl.where(tiny, 1.0, d)))
+    return tl.where(tiny, e, tl.log(u) * tl.math.div_rn(e, tl.where(tiny, 1.0, d)))
+
+
+@triton.jit
+def _exp(x):
+    """exp(x) to a few ulp for any x. On a GPU tl.exp is ex2.approx(x log2 e) with x log2 e rounded to fp32
+    first; that rounding alone is |x| 2^-24 of relative error (CUDA documents __expf at 2 + 1.17 |x|
+    ulp), and the exponential scores (forward_kl, alpha) and the sigmoids feed it, scaled by the score,
+    into z. Cody-Waite: x = n ln 2 + r with n an integer (n ln2_hi exact: ln2_hi has 9 trailing zero
+    bits) and |r| <= ln 2 / 2, so the approximate exp only sees r; 2^n in two halves keeps exp(x) finite
+    up to fp32's maximum and gradual below its minimum. |x| is clamped at 110 first (where exp is inf or
+    0 either way) so that n stays finite; NaN passes through."""
+    xc = tl.minimum(tl.maximum(x, -110.0, propagate_nan=tl.PropagateNan.ALL), 110.0,
+                    propagate_nan=tl.PropagateNan.ALL)
+    n = tl.floor(xc * 1.4426950408889634 + 0.5)
+    r = (xc - n * 0.693359375) + n * 2.12194440e-4
+    n1 = tl.floor(n * 0.5)
+    return tl.exp2(n1) * (tl.exp2(n - n1) * tl.exp(r))
 
 
 @triton.jit
 def _sigmoids(x):
     """(sig(x), sig(-x), log sig(x), log sig(-x)) from one exp of -|x| (in (0, 1]: no overflow) and one log."""
-    e = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + e)
+    e = _exp(-tl.abs(x))
+    # Correctly rounded: a GPU's fp32 "/" is div.full (2 ulp), and differences of sigmoid products
+    # (apo_down's gradient) show it.
+    r = tl.math.div_rn(1.0, 1.0 + e)
     pos = x >= 0.0
     l1p = _log1p(e)
     return tl.where(pos, r, e * r), tl.where(pos, e * r, r), tl.minimum(x, 0.0) - l1p, tl.minimum(-x, 0.0) - l1p
@@ -121,13 +143,13 @@ def _score(rho, g0, g1, DIV: tl.constexpr):
         s = rho
         ds = tl.full(rho.shape, 1.0, tl.float32)
     elif DIV == DIV_FORWARD_KL:
-        ds = tl.exp(-rho)
+        ds = _exp(-rho)
         s = -ds
     elif DIV == DIV_JS:
         _, ds, s, _ = _sigmoids(rho + g0)
     else:
         tl.static_assert(DIV == DIV_ALPHA)
-        ds = tl.exp(g0 * rho)
+        ds = _exp(g0 * rho)
         s = ds
     return s, ds
 
@@ -153,7 +175,7 @@ def _of_z(z, eps, c0, c1, LOSS: tl.constexpr):
         df = _times(sp * sn, z - (c0 - c1))
     elif LOSS == DISCOPOP:
         mp, mn, lmp, _ = _sigmoids(z * c0)
-        decay = tl.exp(lmp - z)  # exp(-z) sig(z / tau)
+        decay = _exp(lmp - z)  # exp(-z) sig(z / tau)
         f = -lsp * mn + decay
         df = -sn * mn + c0 * lsp * mp * mn + decay * (c0 * mn - 1.0)
     else:
@@ -216,10 +238,10 @@ def _pairwise_kernel(
             # Lengths arrive as fp32 counts, clamped to >= 1 by the caller.
             nw = tl.load(nw_ptr + offs, mask=mask, other=1.0)
             nl = tl.load(nl_ptr + offs, mask=mask, other=1.0)
-            s_w = s_w / nw
-            s_l = s_l / nl
-            ds_w = ds_w / nw
-            ds_l = ds_l / nl
+            s_w = tl.math.div_rn(s_w, nw)
+            s_l = tl.math.div_rn(s_l, nl)
+            ds_w = tl.math.div_rn(ds_w, nw)
+            ds_l = tl.math.div_rn(ds_l, nl)
         scale = beta
         if (LOSS == IPO) or (LOSS == BT):
             scale = 1.0
