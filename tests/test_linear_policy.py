@@ -6,7 +6,7 @@ import torch
 import fastpref
 from conftest import CountMatmuls, backend_params, generator
 from oracle import divergence_f64, logprobs_f64
-from test_logprobs import close
+from test_logprobs import LargestAllocation, close
 
 B, T, H, V = 3, 7, 8, 211
 
@@ -90,12 +90,16 @@ def test_fused_equals_unfused(backend, chunk_size, case):
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpu"))
-def test_bf16(backend):
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_bf16(backend, chunk_size):
+    """One chunk (auto) writes the weight gradient in bf16 directly, several sum it in fp32 first."""
     hidden, weight, bias, labels, mask, old, adv, ref_hidden = make(dtype=torch.bfloat16)
     case = dict(clip_high=0.28, entropy_coef=0.01, loss_agg="seq-mean-token-mean")
     leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    out = fused(*leaves, labels, mask, old, adv, ref_hidden, case, backend=backend)
-    out.loss.backward()
+    with LargestAllocation() as mode:
+        out = fused(*leaves, labels, mask, old, adv, ref_hidden, case, chunk_size=chunk_size, backend=backend)
+        out.loss.backward()
+    assert (((V, H), torch.float32) in mode.seen) == (chunk_size is not None)
     ref_leaves = [t.double().requires_grad_() for t in (hidden, weight, bias)]
     unfused(*ref_leaves, labels, mask, old, adv, ref_hidden.double(), case).backward()
     for name, a, b in zip(("hidden", "weight", "bias"), leaves, ref_leaves):
@@ -131,6 +135,20 @@ def _matmuls(chunk_size, grad=True, **case):
         if grad:
             out.loss.backward()
     return mode.count, out
+
+
+def test_bf16_head_takes_one_chunk_when_cheaper_than_the_fp32_accumulator(monkeypatch):
+    """With a chunk budget of 4 rows, the 13 kept tokens take one chunk for a bf16 head (its fp32 [V, H]
+    accumulator would cost the bf16 logits of 2 H = 16 rows) and 4 chunks for an fp32 head."""
+    monkeypatch.setattr(fastpref.ops.logprobs, "auto_chunk_size", lambda n, V, hidden: min(n, 4))
+    for dtype, calls in ((torch.bfloat16, 3), (torch.float32, 3 * 4)):
+        hidden, weight, _, labels, mask, old, adv, _ = make(dtype=dtype)
+        assert int(mask.sum()) == 13
+        hidden.requires_grad_()
+        weight.requires_grad_()
+        with CountMatmuls() as mode:
+            fastpref.linear_ppo_loss(hidden, weight, labels, old, adv, mask, backend="torch").loss.backward()
+        assert mode.count == calls, dtype
 
 
 def test_three_matmuls_per_chunk_and_none_in_eval():

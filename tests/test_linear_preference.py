@@ -5,7 +5,7 @@ import torch
 import fastpref
 from conftest import CountMatmuls, backend_params, generator
 from oracle import logprobs_f64
-from test_logprobs import close
+from test_logprobs import LargestAllocation, close
 
 B, T, H, V = 3, 7, 8, 211
 
@@ -61,6 +61,29 @@ def test_fused_equals_unfused(backend, chunk_size, loss_type, kw):
     lp, _ = logprobs_f64(hidden.double() @ weight.double().T + bias.double(), labels)
     close(out.metrics["chosen_logps"], lp.sum(1)[:B], 1e-5, "chosen_logps")
     close(out.metrics["rejected_logps"], lp.sum(1)[B:], 1e-5, "rejected_logps")
+
+
+@pytest.mark.parametrize("backend", backend_params("torch", "cpu"))
+# One chunk; split pairs with a deferred buffer (sigmoid) or two passes (ipo).
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_bf16(backend, chunk_size, loss_type):
+    """A bf16 head: one chunk writes the weight gradient in bf16 directly, several sum it in fp32 first."""
+    hidden, weight, bias, labels, ref = make(dtype=torch.bfloat16)
+    ins = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    refs = [t.double().requires_grad_() for t in (hidden, weight, bias)]
+    with LargestAllocation() as mode:
+        out = fastpref.linear_dpo_loss(ins[0], ins[1], labels, bias=ins[2], ref_chosen_logps=ref[0],
+                                       ref_rejected_logps=ref[1], loss_type=loss_type, beta=0.2,
+                                       chunk_size=chunk_size, backend=backend)
+        out.loss.backward()
+    assert (((V, H), torch.float32) in mode.seen) == (chunk_size is not None)
+    expected = unfused(*refs, labels, ref, loss_type, beta=0.2)
+    expected.backward()
+    close(out.loss, expected, 1e-2, "loss")
+    for name, a, r in zip(("hidden", "weight", "bias"), ins, refs):
+        assert a.grad.dtype == torch.bfloat16
+        close(a.grad, r.grad, 2e-2, f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", backend_params("torch", "cpu"))

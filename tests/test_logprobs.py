@@ -164,15 +164,20 @@ def test_linear_logprobs_hidden_only_and_no_grad(backend):
 
 
 class LargestAllocation(TorchDispatchMode):
+    """The largest tensor an op returned inside it (``largest``, bytes), and every (shape, dtype) returned
+    (``seen``)."""
+
     def __init__(self):
         super().__init__()
         self.largest = 0
+        self.seen = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor):
                 self.largest = max(self.largest, t.numel() * t.element_size())
+                self.seen.add((tuple(t.shape), t.dtype))
         return out
 
 
@@ -212,6 +217,22 @@ def test_auto_chunk_size_is_bounded():
     assert 64 <= rows * 32000 * 4 <= 64 << 20 and rows % 64 == 0
     assert fastpref.ops.logprobs.auto_chunk_size(7, 32000, h) == 7
     assert fastpref.ops.logprobs.auto_chunk_size(10, 10**9, h) == 1
+
+
+def test_head_chunk_size_takes_one_chunk_when_cheaper_than_the_fp32_accumulator():
+    from fastpref.ops.logprobs import auto_chunk_size, head_chunk_size
+
+    V, H = 1 << 20, 64
+    half, full = torch.empty(1, H, dtype=torch.bfloat16), torch.empty(1, H)
+    base = auto_chunk_size(10**6, V, half)
+    assert base == 32  # 64 MiB of bf16 logits (CPU: the gradient overwrites them)
+    # A bf16 head's fp32 [V, H] accumulator is 4 V H bytes: the bf16 logits of 2 H = 128 more rows.
+    assert head_chunk_size(base + 128, V, half, weight_grad=True) == base + 128
+    assert head_chunk_size(base + 129, V, half, weight_grad=True) == base
+    assert head_chunk_size(base + 1, V, half, weight_grad=False) == base  # no weight gradient: no accumulator
+    # fp32: the accumulator is the gradient itself.
+    assert head_chunk_size(base + 1, V, full, weight_grad=True) == auto_chunk_size(base + 1, V, full)
+    assert head_chunk_size(5, V, half, weight_grad=True) == 5
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

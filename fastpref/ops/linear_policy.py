@@ -15,7 +15,7 @@ from fastpref._validate import check_float, check_labels, check_positive, check_
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops.divergence import linear_token_divergence
-from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, auto_chunk_size, chunk_buffers,
+from fastpref.ops.logprobs import (HeadGrads, _chunk_logits, _kept_rows, chunk_buffers, head_chunk_size,
                                    linear_logprobs, row_buffer, scale_head_grads)
 from fastpref.ops.policy import (PolicyOutput, aggregation_weights, check_policy_args, masked_fp32, ppo_loss,
                                  token_loss)
@@ -35,9 +35,9 @@ def ppo_pass(hidden, weight, bias, labels, per_token, cfg, need):
     with_entropy = cfg["with_entropy"]
     logp = torch.zeros(N, dtype=torch.float32, device=hidden.device)
     entropy = torch.zeros_like(logp) if with_entropy else None
-    chunk = min(cfg["chunk_size"] or auto_chunk_size(max(n, 1), V, hidden), max(n, 1))
+    chunk = min(cfg["chunk_size"] or head_chunk_size(n, V, hidden, need[1]), max(n, 1))
     buf, gbuf = chunk_buffers(chunk, V, hidden)
-    grads = HeadGrads(hidden, weight, bias, need, rows=rows)
+    grads = HeadGrads(hidden, weight, bias, need, rows=rows, single=0 < n <= chunk)
     hbuf = row_buffer(rows, chunk, hidden)
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
@@ -53,6 +53,9 @@ def ppo_pass(hidden, weight, bias, labels, per_token, cfg, need):
             g = gbuf[: e - s]
             ops.row_backward(z, y[s:e], ls, en if gen is not None else None, glp, gen, g, **kw)
             grads.add(g, s, e, hc)
+    # The chunk buffers go before ``result`` turns an fp32 weight-gradient accumulator into the head's dtype:
+    # the peak is then the accumulator and one of them, not all three.
+    buf = gbuf = hbuf = hc = z = g = None
     return logp, entropy, grads.result(hidden, rows)
 
 
@@ -115,7 +118,9 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
       (``linear_token_divergence``: both heads on bounded chunks, its own forward and backward).
 
     Token-level ratios take the one-pass path (3 matmuls per kept token, gradients computed in the
-    forward); ``importance="sequence"`` (GSPO) couples a sequence's tokens, so it runs ``linear_logprobs``
+    forward; a bf16/fp16 head's weight gradient is summed over the chunks in an fp32 [V, H] buffer, or
+    written directly when one chunk holds every token, which ``head_chunk_size`` chooses whenever it costs
+    less memory than the buffer); ``importance="sequence"`` (GSPO) couples a sequence's tokens, so it runs ``linear_logprobs``
     then ``ppo_loss`` (4 matmuls). ``compute_entropy`` (default True, for the ``entropy`` metric as TRL
     logs it) is forced on by ``entropy_coef`` > 0. Returns ``PolicyOutput(loss, metrics)``: ``ppo_loss``'s
     metrics plus ``logp`` [B, T] (detached, fp32: the ``old_logp`` of the next PPO epoch). Without grad

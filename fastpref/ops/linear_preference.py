@@ -21,7 +21,7 @@ from fastpref import _backends
 from fastpref._validate import check_float, check_labels, check_same_device
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
-from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, auto_chunk_size, chunk_buffers,
+from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, chunk_buffers, head_chunk_size,
                                    linear_logprobs, scale_head_grads)
 from fastpref.ops.preference import LOSS_TYPES, PreferenceOutput, dpo_loss
 
@@ -128,7 +128,7 @@ def dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need):
     ends = pair_end.tolist()
     starts = [0] + ends[:-1]
     largest = max((e - s for s, e in zip(starts, ends)), default=0)
-    chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, largest, decomposable and need_any)
+    chunk = cfg["chunk_size"] or _auto_chunk(n, V, hidden, largest, decomposable and need_any, need[1])
     aligned = largest <= chunk
     # One pass (gradients in the forward) when the pairs decompose and either every pair fits in a chunk
     # or the open pair's deferred weight gradients (1 or 2 x [V, H] fp32) cost at most 4 chunk buffers.
@@ -142,7 +142,7 @@ def dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need):
     chosen_tokens = lengths[:B].sum().clamp(min=1)
     seq_logps = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    grads = HeadGrads(h, weight, bias, need)
+    grads = HeadGrads(h, weight, bias, need, single=len(plan) == 1)
     buf, gbuf = chunk_buffers(min(chunk, max(n, 1)), V, hidden)
     chosen_len = lengths[:B].tolist()
     deferred = _DeferredPair(grads, antisymmetric) if one_pass and not aligned else None
@@ -183,6 +183,7 @@ def dpo_pass(hidden, weight, bias, labels, ref_logps, cfg, need):
             g = gbuf[: e - s]
             ops.row_backward(z, y[s:e], lse[s:e], None, coef[seq[s:e]], None, g, **kw)
             grads.add(g, s, e)
+    buf = gbuf = z = g = None  # freed before ``result`` converts an fp32 accumulator (as in ``ppo_pass``)
     gh, gw, gb = grads.result(hidden.reshape(-1, hidden.shape[-1]), order)
     return seq_logps, lengths, chosen_tokens, (None if gh is None else gh.view(hidden.shape), gw, gb)
 
@@ -203,11 +204,12 @@ class _LinearDPOFunction(torch.autograd.Function):
         return (*scale_head_grads(grad_loss, ctx.saved_tensors), None, None, None)
 
 
-def _auto_chunk(n, V, hidden, largest, one_pass_possible):
-    """The log-prob chunk budget, stretched up to 4x so that the largest pair (``largest`` tokens) fits in
-    one chunk when that lets the gradients be computed in the forward: one matmul in four saved for a
-    bounded buffer."""
-    base = auto_chunk_size(max(n, 1), V, hidden)
+def _auto_chunk(n, V, hidden, largest, one_pass_possible, weight_grad):
+    """The log-prob chunk budget (``head_chunk_size``: all tokens at once when that costs less than a 16-bit
+    head's fp32 accumulator), stretched up to 4x so that the largest pair (``largest`` tokens) fits in one
+    chunk when that lets the gradients be computed in the forward: one matmul in four saved for a bounded
+    buffer."""
+    base = head_chunk_size(n, V, hidden, weight_grad)
     if one_pass_possible and base < largest <= 4 * base:
         return largest
     return base
@@ -274,7 +276,10 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
     ``chunk_size`` (tokens per chunk) defaults to the log-prob budget (``auto_chunk_size``), stretched up to
     4x when that makes the largest pair fit, so that the gradients come out of the forward pass (3 matmuls
     per token, not 4); larger pairs defer the gradients of the pair open at a chunk's end (module
-    docstring), or, when H > 2 x chunk_size, take two passes. Returns a PreferenceOutput whose metrics also
+    docstring), or, when H > 2 x chunk_size, take two passes. With a bf16/fp16 head, the weight gradient
+    of several chunks is summed in an fp32 [V, H] buffer (twice the gradient's size); one chunk writes it
+    directly, so all tokens go in one chunk whenever that costs less memory than the buffer
+    (``head_chunk_size``). Returns a PreferenceOutput whose metrics also
     hold the per-sequence ``chosen_logps`` and ``rejected_logps`` [B]. Without grad (eval) no gradient work
     is done. The heads may be sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3), gathered for the call as
     in ``linear_logprobs``.

@@ -159,9 +159,7 @@ def auto_chunk_size(n: int, V: int, hidden: torch.Tensor) -> int:
     CPU: 64 MiB (GEMMs with fewer than ~512 rows lose speed on CPU, and 64 MiB at V = 32000 is 524 rows).
     CUDA: 1/8 of the free memory, at most 1 GiB. Rounded to a multiple of 64 rows for GEMM tiling.
     """
-    per_row = V * torch.finfo(_logits_dtype(hidden)).bits // 8
-    if _logits_dtype(hidden) != hidden.dtype:
-        per_row += V * hidden.element_size()
+    per_row = chunk_row_bytes(V, hidden)
     if hidden.is_cuda:
         free, _ = torch.cuda.mem_get_info(hidden.device)
         budget = min(_GPU_CHUNK_BYTES_MAX, max(64 << 20, free // 8))
@@ -171,6 +169,27 @@ def auto_chunk_size(n: int, V: int, hidden: torch.Tensor) -> int:
     if rows >= 64:
         rows -= rows % 64
     return max(1, min(rows, n))
+
+
+def chunk_row_bytes(V: int, hidden: torch.Tensor) -> int:
+    """Bytes of ``chunk_buffers`` per token row: the logits, and their gradient when it has another dtype."""
+    per_row = V * torch.finfo(_logits_dtype(hidden)).bits // 8
+    if _logits_dtype(hidden) != hidden.dtype:
+        per_row += V * hidden.element_size()
+    return per_row
+
+
+def head_chunk_size(n: int, V: int, hidden: torch.Tensor, weight_grad: bool) -> int:
+    """Token rows per chunk of a pass that computes a head's gradients token chunk by token chunk
+    (``HeadGrads``): ``auto_chunk_size``, or all ``n`` rows in one chunk when that costs at most the fp32
+    [V, H] weight-gradient accumulator that a second chunk needs for a 16-bit head (4 V H bytes: 2 GiB for a
+    128k x 4096 head, against 6 V bytes per extra row on a GPU, so up to 2H/3 rows over the budget). One
+    chunk writes the gradient once in the head's dtype and skips the accumulator's read and write per chunk."""
+    chunk = auto_chunk_size(max(n, 1), V, hidden)
+    accumulator_rows = 4 * V * hidden.shape[-1] // chunk_row_bytes(V, hidden)
+    if weight_grad and hidden.dtype != torch.float32 and chunk < n <= chunk + accumulator_rows:
+        return n
+    return chunk
 
 
 def _chunk_logits(h, weight, bias, out):
@@ -221,16 +240,19 @@ def gather_rows(hidden, rows, s, e, out):
 
 class HeadGrads:
     """Gradients of a linear head's input rows ``h``, weight and bias, accumulated chunk by chunk from the
-    gradient of the chunk's logits; weight and bias in fp32. ``need`` = (hidden, weight, bias).
+    gradient of the chunk's logits; weight and bias in fp32, or with ``single`` (one chunk holds every row)
+    the weight gradient written once by one matmul in the weight's dtype. ``need`` = (hidden, weight, bias).
 
     ``rows`` (optional): chunk [s, e) covers ``h[rows[s:e]]``, gathered chunk by chunk (``gather``) instead
     of a compact copy of every kept row, and the hidden gradient goes straight into its [N, H] result:
     two [kept, H] buffers fewer."""
 
-    def __init__(self, h, weight, bias, need, rows=None):
-        self.h, self.weight, self.bias, self.rows = h, weight, bias, rows
+    def __init__(self, h, weight, bias, need, rows=None, single=False):
+        self.h, self.weight, self.bias, self.rows, self.single = h, weight, bias, rows, single
         self.gh = None if not need[0] else torch.empty_like(h) if rows is None else torch.zeros_like(h)
-        self.gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need[1] else None
+        self.gw = None
+        if need[1]:
+            self.gw = torch.empty_like(weight) if single else weight.new_zeros(weight.shape, dtype=torch.float32)
         self.gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need[2] else None
 
     def gather(self, s, e, out):
@@ -246,7 +268,10 @@ class HeadGrads:
             else:
                 self.gh.index_copy_(0, self.rows[s:e], g @ self.weight)
         if self.gw is not None:
-            _accumulate_fp32(self.gw, g.t(), hc)
+            if self.single:
+                torch.mm(g.t(), hc, out=self.gw)
+            else:
+                _accumulate_fp32(self.gw, g.t(), hc)
         if self.gb is not None:
             self.gb += g.sum(0, dtype=torch.float32)
 
