@@ -2,6 +2,7 @@
 backend="triton": values and both gradients against float64 autograd of the loss formulas
 (``kernels/reference.py``'s ``pair_forward`` on float64 inputs), and the kernel against its fp32 torch
 twin. Without a GPU the kernel runs in the Triton interpreter on CPU tensors."""
+import numpy as np
 import pytest
 import torch
 
@@ -108,9 +109,9 @@ def run_dpo(w, l, rw, rl, nw, nl, dtype, reduction, dpo, backend="triton"):
     return out.loss.detach(), cw.grad, cl.grad, out, upstream
 
 
-@pytest.mark.parametrize("loss_type,divergence", CASES)
-def test_dpo_kernel_matches_float64(loss_type, divergence):
-    # Every dtype x reduction; B cycles through 1, 7 and 130 (a partial block each), eps through 0 and 0.1.
+def check_dpo_kernel(loss_type, divergence, first_seed=0):
+    """The kernel through dpo_loss against float64, for every dtype x reduction; B cycles through 1, 7 and
+    130 (a partial block each), eps through 0 and 0.1 (1e-3 and 0.1 for exo_pair)."""
     for i, (dtype, reduction) in enumerate((d, r) for d in (torch.float32, torch.bfloat16)
                                            for r in ("mean", "sum", "none")):
         B = (1, 7, 130)[i % 3]
@@ -118,7 +119,7 @@ def test_dpo_kernel_matches_float64(loss_type, divergence):
         if loss_type == "exo_pair":
             eps = (1e-3, 0.1)[i % 2]
         dpo, pair = kernel_args(loss_type, divergence, eps, beta=0.4)
-        w, l, rw, rl, nw, nl = make(B, seed=i)
+        w, l, rw, rl, nw, nl = make(B, seed=first_seed + i)
         w, l, rw, rl = (t.to(dtype) for t in (w, l, rw, rl))
         loss, gw, gl, _, upstream = run_dpo(w, l, rw, rl, nw, nl, dtype, reduction, dpo)
         assert gw.dtype == gl.dtype == dtype and loss.dtype == torch.float32
@@ -126,12 +127,59 @@ def test_dpo_kernel_matches_float64(loss_type, divergence):
         e_loss, (e_gw, e_gl) = reduced(per, grads, reduction, upstream.double())
         n_per, *n_grads = fp32_noise(w, l, rw, rl, nw, nl, **pair)
         n_loss, (n_gw, n_gl) = reduced(n_per, n_grads, reduction, upstream.double().abs())
-        what = f"{dtype} {reduction} B={B} eps={eps}"
+        what = f"{dtype} {reduction} B={B} eps={eps} seed={first_seed + i}"
         check(loss, e_loss, 1e-5, f"loss {what}", noise=n_loss)
         # bf16 gradients are rounded to bf16; fp32 ones meet a GPU's exp and FMA contraction (a few ulp).
         grad_rtol = 2e-5 if dtype == torch.float32 else 1e-2
         check(gw, e_gw, grad_rtol, f"grad chosen {what}", noise=n_gw)
         check(gl, e_gl, grad_rtol, f"grad rejected {what}", noise=n_gl)
+
+
+@pytest.mark.parametrize("loss_type,divergence", CASES)
+def test_dpo_kernel_matches_float64(loss_type, divergence):
+    check_dpo_kernel(loss_type, divergence)
+
+
+@pytest.fixture
+def gpu_like_math(monkeypatch):
+    """The interpreter's tl.exp and fp32 division with a GPU's errors: exp(x) as 2^(x log2 e) with x log2 e
+    rounded to fp32 first (ex2.approx), and both results moved by up to 2 ulp at random (ex2.approx and
+    div.full's bounds). ``div_rn`` stays exact, as on a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the real thing")
+    interpreter = pytest.importorskip("triton.runtime.interpreter")
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    if not all(hasattr(builder, name) for name in ("create_exp", "create_fdiv", "unary_op", "binary_op")):
+        pytest.skip("this Triton's interpreter has no create_exp / create_fdiv to patch")
+    rng = np.random.default_rng(0)
+
+    def off(y):  # y (float64) rounded to fp32, then up to 2 fp32 ulp away
+        ulp = np.abs(np.spacing(y.astype(np.float32))).astype(np.float64)
+        return (y + rng.uniform(-2, 2, y.shape) * ulp).astype(np.float32)
+
+    def exp(x):
+        t = (x.astype(np.float32) * np.float32(np.log2(np.e))).astype(np.float32)
+        return off(np.exp2(t.astype(np.float64))).astype(x.dtype)
+
+    def div(a, b):
+        return off(a.astype(np.float64) / b.astype(np.float64)).astype(np.result_type(a, b))
+
+    monkeypatch.setattr(builder, "create_exp", lambda self, arg: self.unary_op(arg, exp))
+    monkeypatch.setattr(builder, "create_fdiv", lambda self, lhs, rhs: self.binary_op(lhs, rhs, div))
+
+
+# Draws (first seeds) that tell: apo_down's gradient (a difference of sigmoid products) broke the bound
+# with tl.exp and "/" as on a GPU; exo_pair's loss near its minimum broke the bound before it allowed the
+# formulas' fp32 error (the H200's failing case).
+GPU_MATH_DRAWS = [("apo_down", "reverse_kl", 1091), ("apo_down", "reverse_kl", 1098), ("apo_down", "reverse_kl", 1133),
+                  ("exo_pair", "forward_kl", 1084), ("exo_pair", "forward_kl", 1105)]
+
+
+@pytest.mark.parametrize("loss_type,divergence,first_seed", GPU_MATH_DRAWS)
+def test_dpo_kernel_within_bound_under_gpu_like_exp_and_division(gpu_like_math, loss_type, divergence, first_seed):
+    """The kernel's own exp (``_exp``) and correctly rounded divisions keep it within the float64 bound
+    when the interpreter computes tl.exp and "/" as a GPU does (with tl.exp and "/" the apo_down draws fail)."""
+    check_dpo_kernel(loss_type, divergence, first_seed)
 
 
 @pytest.mark.filterwarnings("ignore:(overflow|invalid value) encountered:RuntimeWarning")  # the interpreter's
