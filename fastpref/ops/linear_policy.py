@@ -120,9 +120,9 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
     Token-level ratios take the one-pass path (3 matmuls per kept token, gradients computed in the
     forward; a bf16/fp16 head's weight gradient is summed over the chunks in an fp32 [V, H] buffer, or
     written directly when one chunk holds every token, which ``head_chunk_size`` chooses whenever it costs
-    less memory than the buffer); ``importance="sequence"`` (GSPO) couples a sequence's tokens, so it runs ``linear_logprobs``
-    then ``ppo_loss`` (4 matmuls). ``compute_entropy`` (default True, for the ``entropy`` metric as TRL
-    logs it) is forced on by ``entropy_coef`` > 0. Returns ``PolicyOutput(loss, metrics)``: ``ppo_loss``'s
+    less memory than the buffer); ``importance="sequence"`` (GSPO) couples a sequence's tokens, so it runs
+    ``linear_logprobs`` then ``ppo_loss`` (4 matmuls). ``compute_entropy`` (default True, for the
+    ``entropy`` metric as TRL logs it) is forced on by ``entropy_coef`` > 0. Returns ``PolicyOutput(loss, metrics)``: ``ppo_loss``'s
     metrics plus ``logp`` [B, T] (detached, fp32: the ``old_logp`` of the next PPO epoch). Without grad
     (eval) no gradient work is done. The heads may be sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3),
     gathered for the call as in ``linear_logprobs``.
