@@ -122,10 +122,10 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
     written directly when one chunk holds every token, which ``head_chunk_size`` chooses whenever it costs
     less memory than the buffer); ``importance="sequence"`` (GSPO) couples a sequence's tokens, so it runs
     ``linear_logprobs`` then ``ppo_loss`` (4 matmuls). ``compute_entropy`` (default True, for the
-    ``entropy`` metric as TRL logs it) is forced on by ``entropy_coef`` > 0. Returns ``PolicyOutput(loss, metrics)``: ``ppo_loss``'s
-    metrics plus ``logp`` [B, T] (detached, fp32: the ``old_logp`` of the next PPO epoch). Without grad
-    (eval) no gradient work is done. The heads may be sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3),
-    gathered for the call as in ``linear_logprobs``.
+    ``entropy`` metric as TRL logs it) is forced on by ``entropy_coef`` > 0. Returns
+    ``PolicyOutput(loss, metrics)``: ``ppo_loss``'s metrics plus ``logp`` [B, T] (detached, fp32: the
+    ``old_logp`` of the next PPO epoch). Without grad (eval) no gradient work is done. The heads may be
+    sharded parameters (FSDP2 DTensor, DeepSpeed ZeRO-3), gathered for the call as in ``linear_logprobs``.
     """
     # The reference head is gathered by the op that uses it (linear_logprobs without grad, or
     # linear_token_divergence).
