@@ -47,11 +47,12 @@ def kernel_args(loss_type, divergence, eps, beta):
     return dpo, pair
 
 
-def oracle(w, l, rw, rl, nw, nl, **pair):
-    """float64 per-pair loss and derivatives of the inputs as the kernel sees them (rounded to their dtype)."""
-    ref = (None, None) if pair["loss_type"] in REFERENCE_FREE else (rw.double(), rl.double())
-    lengths = (nw.double(), nl.double()) if pair["loss_type"] in LENGTH_NORMALIZED else (None, None)
-    return reference.pair_forward(w.double(), l.double(), *ref, *lengths, **pair)
+def oracle(w, l, rw, rl, nw, nl, dtype=torch.float64, **pair):
+    """float64 per-pair loss and derivatives of the inputs as the kernel sees them (rounded to their dtype);
+    with ``dtype=torch.float32`` the same formulas in fp32 (the torch twin)."""
+    ref = (None, None) if pair["loss_type"] in REFERENCE_FREE else (rw.to(dtype), rl.to(dtype))
+    lengths = (nw.to(dtype), nl.to(dtype)) if pair["loss_type"] in LENGTH_NORMALIZED else (None, None)
+    return reference.pair_forward(w.to(dtype), l.to(dtype), *ref, *lengths, **pair)
 
 
 def check(actual, expected, rtol, what, floor=1e-6, noise=None):
@@ -76,14 +77,12 @@ def fp32_noise(w, l, rw, rl, nw, nl, **pair):
     which depends on the data, so a bound fitted to one draw fails on another (a GPU's generator draws
     other inputs from the same seeds). Three roundings of the same point, so one lucky exact result
     does not make the noise 0."""
-    ref = (None, None) if pair["loss_type"] in REFERENCE_FREE else (rw.float(), rl.float())
-    lengths = (nw.float(), nl.float()) if pair["loss_type"] in LENGTH_NORMALIZED else (None, None)
     noise = None
     for step in (None, float("inf"), -float("inf")):
         pw, pl = (w.float(), l.float()) if step is None else (torch.nextafter(w.float(), torch.tensor(step)),
                                                               torch.nextafter(l.float(), torch.tensor(step)))
-        twin = reference.pair_forward(pw, pl, *ref, *lengths, **pair)
-        exact = oracle(pw, pl, rw.float(), rl.float(), nw, nl, **pair)
+        twin = oracle(pw, pl, rw, rl, nw, nl, dtype=torch.float32, **pair)
+        exact = oracle(pw, pl, rw, rl, nw, nl, **pair)
         err = torch.stack([(a.double() - e).abs() for a, e in zip(twin, exact)])
         noise = err if noise is None else torch.maximum(noise, err)
     return noise
