@@ -93,11 +93,13 @@ def oracle(x, xr, labels, name, param, temperature, grad, ignore_index=-100):
 def same(kern, a, b, what):
     """The same results through two code paths of one kernel: bit for bit on the CPU (and in the Triton
     interpreter); on a GPU the compiler contracts each specialization's arithmetic into FMAs its own way, and a
-    16-bit output can then round to the neighbouring value."""
+    16-bit output can then round to the neighbouring value. fp32 is held there to the float64 oracle's 1e-5:
+    the two-pass divergences' gradients cancel, and the Triton kernel's grad_x alone and with grad_xr were
+    2.1e-6 apart in norm for alpha on an H200."""
     if kern.device.type == "cpu":
         assert torch.equal(a, b), what
     else:
-        close(a, b, 1e-6 if a.dtype == torch.float32 else RTOL[a.dtype], what, atol=1e-12)
+        close(a, b, 1e-5 if a.dtype == torch.float32 else RTOL[a.dtype], what, atol=1e-12)
 
 
 def close(actual, expected, rtol, what, atol=0.0):
