@@ -7,7 +7,9 @@ measured copy bandwidth (issue 6's goals: >= 85 % forward, >= 80 % forward+backw
 Floors (the fewest bytes each step must move, over the measured copy bandwidth, read + written):
   token_logprobs    forward K V s (read the kept rows' logits); fwd+bwd (2 K + N) V s (read twice, write every
                     row's gradient, zeros for ignored rows)
-  token_divergence  forward 2 K V s (logits and reference); fwd+bwd (4 K + N) V s
+  token_divergence  forward 2 K V s (logits and reference); fwd+bwd (4 K + N) V s; the same floors for the
+                    two-pass divergences (js, alpha, tv, hellinger: bare kernels only), whose second pass re-reads
+                    the rows unless they are still in L2
 with s the element size, N rows of which K are kept (1 in 7 is ignored, as in a batch with prompt tokens; an
 ignored row is never read); the per-row outputs are negligible. Each op is timed through the public API (which
 checks the labels' range on the host: one small reduction and a device sync per call) and, for the forward,
@@ -27,6 +29,7 @@ import torch
 
 import fastpref
 from fastpref._backends import row_kernels
+from fastpref.divergences import REGISTRY
 
 
 def timer(device, warmup=50, rep=300):
@@ -83,10 +86,10 @@ def cases(impls):
         yield "token_divergence", impl, dv, ((2, 0), (4, 1))
 
 
-def bare_kernels(op, impl):
+def bare_kernels(op, impl, div="reverse_kl"):
     """(forward, forward+backward) closures over the backend's kernels alone (``fastpref.kernels.<impl>``: no
     label check, no autograd; the backward into a preallocated gradient of the logits), or None for eager and
-    the torch path."""
+    the torch path. ``div``: token_divergence's divergence (js and alpha at 0.5)."""
     if impl not in ("triton", "cuda", "cpu"):
         return None
     mod = row_kernels(impl, "logprobs" if op == "token_logprobs" else "divergence")
@@ -99,7 +102,7 @@ def bare_kernels(op, impl):
             ones = torch.ones_like(lse)
             mod.row_backward(x, y, lse, ent, ones, ones, out)
     else:
-        kw = dict(div_id=0, param=0.0)  # reverse KL
+        kw = dict(div_id=REGISTRY[div].kernel_id, param=0.5 if div in ("js", "alpha") else 0.0)
 
         def fwd(x, xr, y):
             return mod.div_forward(x, xr, y, **kw)
@@ -108,6 +111,31 @@ def bare_kernels(op, impl):
             _, lse, lse_r, s_a, s_b = fwd(x, xr, y)
             mod.div_backward(x, xr, y, lse, lse_r, s_a, s_b, torch.ones_like(lse), out, None, **kw)
     return fwd, fwd_bwd
+
+
+# The divergences whose forward takes two passes (the lse's, then the sums), timed as bare kernels only.
+TWO_PASS = ("js", "alpha", "tv", "hellinger")
+
+
+def two_pass_row(impl, div, x, xr, labels, N, V, kept, measure, bandwidth):
+    """A row of the two-pass divergences' bare kernels; their floor is still one read of both rows, which the
+    second pass re-reads unless they are still in L2."""
+    fwd, fwd_bwd = bare_kernels("token_divergence", impl, div)
+    out = torch.empty_like(x)
+    row = dict(op=f"token_divergence[{div}]", impl=impl, N=N, V=V, kept=kept, dtype=str(x.dtype).split(".")[-1])
+    try:
+        row["kernel_fwd_s"] = measure(lambda: fwd(x, xr, labels))
+        row["kernel_fwd_bwd_s"] = measure(lambda: fwd_bwd(x, xr, labels, out))
+        row["kernel_fwd_bw_frac"] = 2 * kept * V * x.element_size() / row["kernel_fwd_s"] / bandwidth
+        row["kernel_fwd_bwd_bw_frac"] = (4 * kept + N) * V * x.element_size() / row["kernel_fwd_bwd_s"] / bandwidth
+        row["status"] = "ok"
+        print(f"{row['op']:28s} {impl:7s} N={N:6d} V={V:6d}  kernels: fwd {row['kernel_fwd_s'] * 1e3:7.3f} ms "
+              f"({row['kernel_fwd_bw_frac']:6.1%}) fwd+bwd {row['kernel_fwd_bwd_s'] * 1e3:7.3f} ms "
+              f"({row['kernel_fwd_bwd_bw_frac']:6.1%})", flush=True)
+    except Exception as exc:  # as in main: a failing backend is a row
+        row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        print(f"{row['op']:28s} {impl:7s} N={N:6d} V={V:6d}  FAILED {row['reason']}", flush=True)
+    return row
 
 
 def inputs(N, V, device, dtype, ignore_every=None):
@@ -188,6 +216,9 @@ def main(argv=None):
                       f"({row['fwd_bwd_bw_frac']:6.1%}){bare}", flush=True)
             else:
                 print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  FAILED {row['reason']}", flush=True)
+        for div in TWO_PASS:
+            for impl in [i for i in impls if i in ("triton", "cuda", "cpu")]:
+                rows.append(two_pass_row(impl, div, x, xr, labels, N, V, kept, measure, bandwidth))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, copy_bandwidth=bandwidth, rows=rows), f, indent=1)
