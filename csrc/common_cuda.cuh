@@ -74,51 +74,23 @@ __device__ __forceinline__ char* row_ptr(void* base, int dt, int64_t stride, int
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// A dtype code known only at run time (the runtime-dtype helpers below switch on it).
-constexpr int kAnyDtype = -1;
-
-// One pack's 16-byte words as loaded, not yet converted (4 registers for the 16-bit dtypes): a
-// software-pipelined loop keeps the next step's packs in flight in these while it converts and uses this step's.
+// kPack elements starting at element i (a multiple of kPack) of a 16-byte aligned row.
 template <int DT>
-struct RawPack {
-  uint4 w[DT == kFloat32 ? 2 : 1];
-};
-
-// The pack starting at element i (a multiple of kPack) of a 16-byte aligned row.
-template <int DT>
-__device__ __forceinline__ RawPack<DT> load_raw(const char* row, int64_t i) {
-  constexpr int kWords = DT == kFloat32 ? 2 : 1;
-  const uint4* p = reinterpret_cast<const uint4*>(row) + kWords * (i / kPack);
-  RawPack<DT> r;
-#pragma unroll
-  for (int k = 0; k < kWords; ++k) r.w[k] = p[k];
-  return r;
-}
-
-template <int DT>
-__device__ __forceinline__ void unpack(const RawPack<DT>& r, float (&f)[kPack]) {
+__device__ __forceinline__ void load_pack(const char* row, int64_t i, float (&f)[kPack]) {
   if constexpr (DT == kFloat32) {
-#pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      f[4 * k] = __uint_as_float(r.w[k].x);
-      f[4 * k + 1] = __uint_as_float(r.w[k].y);
-      f[4 * k + 2] = __uint_as_float(r.w[k].z);
-      f[4 * k + 3] = __uint_as_float(r.w[k].w);
-    }
+    const float4* p = reinterpret_cast<const float4*>(row) + 2 * (i / kPack);
+    const float4 a = p[0], b = p[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+    f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
   } else {
-    const uint32_t w[4] = {r.w[0].x, r.w[0].y, r.w[0].z, r.w[0].w};
+    const uint4 u = reinterpret_cast<const uint4*>(row)[i / kPack];
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       f[2 * k] = Elem<DT>::load(uint16_t(w[k] & 0xffffu));
       f[2 * k + 1] = Elem<DT>::load(uint16_t(w[k] >> 16));
     }
   }
-}
-
-// kPack elements starting at element i (a multiple of kPack) of a 16-byte aligned row.
-template <int DT>
-__device__ __forceinline__ void load_pack(const char* row, int64_t i, float (&f)[kPack]) {
-  unpack<DT>(load_raw<DT>(row, i), f);
 }
 
 template <int DT>

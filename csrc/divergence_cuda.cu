@@ -137,12 +137,10 @@ struct RowPair {
   float scale;
   int64_t npack;
 
-  // DT: both rows' dtype when they share one, for the pipelined loop (the forward's); else kAnyDtype.
-  template <int NT, bool SCALED = true, int DT = kAnyDtype, class F>
+  template <int NT, bool SCALED = true, class F>
   __device__ __forceinline__ void for_each(int lane, int64_t V, F f) const {
     const int64_t end = npack * kPack, step = int64_t(NT) * kPack;
     int64_t i0 = lane * int64_t(kPack);
-    if constexpr (DT != kAnyDtype) i0 = pipelined<NT, SCALED, DT>(i0, end, f);
     // kLoadPacks packs of both rows are loaded before f sees any: f may store over them (out may be x), so
     // the compiler could not hoist the next loads above its stores itself.
     for (; i0 + (kLoadPacks - 1) * step < end; i0 += kLoadPacks * step) {
@@ -176,50 +174,6 @@ struct RowPair {
     }
   }
 
-  // for_each's steps of kLoadPacks packs from element i0 on, software-pipelined: the next step's packs are
-  // loaded (raw) before this step's are converted and used, so that every warp has loads in flight while it
-  // computes. Unpipelined, the KL forward's warps waited on their loads 10 of every 15.6 cycles (ncu, H200),
-  // at 74% of the DRAM bandwidth. Not for the backward: f's stores may overwrite x. Returns the first element
-  // it left for for_each's other loops.
-  template <int NT, bool SCALED, int DT, class F>
-  __device__ __forceinline__ int64_t pipelined(int64_t i0, int64_t end, F& f) const {
-    const int64_t step = int64_t(NT) * kPack;
-    if (i0 + (kLoadPacks - 1) * step >= end) return i0;
-    RawPack<DT> nx[kLoadPacks], nxr[kLoadPacks];
-#pragma unroll
-    for (int p = 0; p < kLoadPacks; ++p) {
-      nx[p] = load_raw<DT>(x, i0 + p * step);
-      nxr[p] = load_raw<DT>(xr, i0 + p * step);
-    }
-    for (;;) {
-      RawPack<DT> cx[kLoadPacks], cxr[kLoadPacks];
-#pragma unroll
-      for (int p = 0; p < kLoadPacks; ++p) {
-        cx[p] = nx[p];
-        cxr[p] = nxr[p];
-      }
-      const int64_t next = i0 + kLoadPacks * step;
-      const bool more = next + (kLoadPacks - 1) * step < end;
-      if (more) {
-#pragma unroll
-        for (int p = 0; p < kLoadPacks; ++p) {
-          nx[p] = load_raw<DT>(x, next + p * step);
-          nxr[p] = load_raw<DT>(xr, next + p * step);
-        }
-      }
-#pragma unroll
-      for (int p = 0; p < kLoadPacks; ++p) {
-        float z[kPack], zr[kPack];
-        unpack<DT>(cx[p], z);
-        unpack<DT>(cxr[p], zr);
-        if (SCALED) scale_pack(z, zr);
-        f(i0 + p * step, z, zr);
-      }
-      i0 = next;
-      if (!more) return i0;
-    }
-  }
-
   __device__ __forceinline__ void scale_pack(float (&z)[kPack], float (&zr)[kPack]) const {
 #pragma unroll
     for (int k = 0; k < kPack; ++k) {
@@ -248,8 +202,7 @@ __device__ __forceinline__ bool masked(const int64_t* labels, int64_t ignore_ind
   return labels != nullptr && labels[row] == ignore_index;
 }
 
-// DT: both rows' dtype (the KLs, when they share one), or kAnyDtype.
-template <int DIV, int NT, int DT>
+template <int DIV, int NT>
 __global__ void __launch_bounds__(block_threads<NT>())
     div_fwd_kernel(const DivFwdArgs a, const float scale, const DivCoef coef) {
   using G = Group<NT>;
@@ -266,7 +219,7 @@ __global__ void __launch_bounds__(block_threads<NT>())
   pair.npack = aligned16(pair.x) && aligned16(pair.xr) ? a.V / kPack : 0;
   float st[5] = {kNegBig, 0.0f, kNegBig, 0.0f, 0.0f};
   const float c = scale * kLog2e;
-  pair.for_each<NT, false, DT>(lane, a.V, [&](int64_t, const auto& x, const auto& xr) { online_add<DIV>(x, xr, c, st); });
+  pair.for_each<NT, false>(lane, a.V, [&](int64_t, const auto& x, const auto& xr) { online_add<DIV>(x, xr, c, st); });
   G::reduce(st, MergeStats<DIV>{kFused<DIV> ? 1.0f : c}, smem);
   const float m = st[0], s = st[1], mr = st[2], sr = st[3];  // base 2 (kFused) or raw
   // Raw maxima give the natural ones exactly as the backward's z = x * scale rounds them.
@@ -353,19 +306,8 @@ __global__ void __launch_bounds__(block_threads<NT>())
 template <int DIV>
 cudaError_t fwd_div(const DivFwdArgs& a, void* stream) {
   const float scale = 1.0f / a.temperature;  // z = x * scale, as the CPU twin rounds it
-  const DivCoef coef = make_div_coef(DIV, a.param);
-  auto launch = [&](auto dt) {
-    constexpr int DT = decltype(dt)::value;
-    return launch_rows(a, stream, div_fwd_kernel<DIV, 32, kAnyDtype>, div_fwd_kernel<DIV, kBlockThreads, DT>, scale,
-                       coef);
-  };
-  // The KLs' single pass over long rows (a block each), when both rows share a dtype (the usual case), takes
-  // the pipelined loop; a warp's short row has too few steps to pipeline, and the two-pass divergences are
-  // bound by their arithmetic, not their loads: they keep one instantiation.
-  if constexpr (kFused<DIV>) {
-    if (a.x.dtype == a.xr.dtype) return with_dtype(a.x.dtype, launch);
-  }
-  return launch(std::integral_constant<int, kAnyDtype>{});
+  return launch_rows(a, stream, div_fwd_kernel<DIV, 32>, div_fwd_kernel<DIV, kBlockThreads>, scale,
+                     make_div_coef(DIV, a.param));
 }
 
 template <int DIV>

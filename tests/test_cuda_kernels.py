@@ -298,23 +298,19 @@ def test_row_kernels_match_the_cpu_twin(V, pad, dtype, softcap):
     assert torch.equal(x, expect)
 
 
-# V = 9000 (16-byte aligned rows in every dtype) gives the KL forward's pipelined loop (rows of one dtype) two
-# steps of a block, the second with no next one.
-DIV_LAYOUTS = [(V, pad) for V in (24, 1025, 4100, 9000) for pad in (0, 3)]
+DIV_LAYOUTS = [(V, pad) for V in (24, 1025, 4100) for pad in (0, 3)]
 
 
 @needs_gpu
 @pytest.mark.parametrize("V,pad", DIV_LAYOUTS, ids=[f"V{V}-pad{p}" for V, p in DIV_LAYOUTS])
 @pytest.mark.parametrize("name,param", [("reverse_kl", 0.0), ("forward_kl", 0.0), ("js", 0.3), ("alpha", 0.7),
                                         ("tv", 0.0), ("hellinger", 0.0)])
-@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
-                         ids=["mixed", "bf16"])
-def test_divergence_kernels_match_the_cpu_twin(V, pad, name, param, dtypes):
-    """Both layouts and kernels, -inf logits (a vocabulary mask), mixed and shared dtypes, in place."""
+def test_divergence_kernels_match_the_cpu_twin(V, pad, name, param):
+    """Both layouts and kernels, -inf logits (a vocabulary mask), mixed dtypes, in place."""
     from fastpref.kernels import cpu, cuda
 
     n, div_id = 6, REGISTRY[name].kernel_id
-    x, xr = _rows(n, V, dtypes[0], pad), _rows(n, V, dtypes[1], pad)
+    x, xr = _rows(n, V, torch.float32, pad), _rows(n, V, torch.bfloat16, pad)
     x[:, :5] = xr[:, :5] = float("-inf")
     labels = torch.randint(0, V, (n,), device="cuda")
     labels[2] = -1
