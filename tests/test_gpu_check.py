@@ -43,3 +43,22 @@ def test_failed_test_names_in_every_pytest_format():
             "tests/e.py::ok PASSED\n")
     found = {a or b for a, b in check.FAILED_TEST.findall(text)}
     assert found == {"tests/a.py::t[x-1]", "tests/b.py::u", "tests/c.py::v", "tests/d.py::w"}
+
+
+def test_slow_tests_take_a_step_of_their_own(tmp_path, monkeypatch):
+    """With the default selection the slow tests leave the parallel step and run after it, on their own."""
+    sample = tmp_path / "test_sample.py"
+    sample.write_text("def test_quick():\n    pass\n\n\ndef test_slow():\n    pass\n")
+    check = load()
+    check.gpu_name = lambda: "Fake GPU"
+    # Run from tmp_path, so that the node ids to deselect are the relative ones pytest gives them.
+    check.ROOT = tmp_path
+    check.GPU_TESTS, check.SLOW_TESTS, check.CPU_SIDE = ("test_sample.py",), ("test_sample.py::test_slow",), ()
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--skip-build", "--skip-bench", "--out", str(out),
+                                      "--budget", "200"])
+    assert check.main() == 0
+    steps = json.loads((out / "gpu-check-fake-gpu.json").read_text())["steps"]
+    assert steps["tests"]["summary"]["counts"] == {"passed": 1, "deselected": 1}
+    assert steps["slow_tests"]["summary"]["counts"] == {"passed": 1}
+    assert "test_slow PASSED" in steps["slow_tests"]["output_tail"]
