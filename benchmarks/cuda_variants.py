@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's fastpref, and row_kernels
 
+from fastpref.kernels._ptxas import ptxas_report  # noqa: E402
+
 _FWD_BOUNDS = "__launch_bounds__(block_threads<NT>())\n    div_fwd_kernel"
 # Overrides common_cuda.cuh's kLoadPacks in divergence_cuda.cu alone (it is included just before this line).
 _DIV_INCLUDE = '#include "divergence_terms.h"\n'
@@ -74,7 +76,7 @@ def best_variant(rows) -> str | None:
     for v in sorted({r["variant"] for r in rows} & set(VARIANTS) - {"base"}):
         if max(r["max_rel_diff"] for r in rows if r["variant"] == v) > MATCH:
             continue
-        ratios = {(c, N, k): t(v, c, N, k) / t("base", c, N, k) for c, _, _, bwd, _ in CASES for N in sizes
+        ratios = {(c, N, k): t(v, c, N, k) / t("base", c, N, k) for c, _, _, bwd in CASES for N in sizes
                   for k in (("fwd_s", "fwd_bwd_s") if bwd else ("fwd_s",))}
         kl = [ratios["reverse_kl", N, "fwd_s"] for N in sizes]
         if max(kl) <= FASTER and max(ratios.values()) <= SLOWER:
@@ -99,18 +101,12 @@ def build(name: str, patches, workdir: Path, arch: str, source: Path = ROOT / "c
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"variant {name} failed to build:\n{proc.stderr[-4000:]}")
-    regs, kernel = {}, None
-    for line in proc.stderr.splitlines():
-        m = re.search(r"Compiling entry function '\S*?((?:div|logprobs)_(?:fwd|bwd)_kernel)I(\S*?)EEvNS", line)
-        if m:
+    regs = {}
+    for (mangled, _), report in ptxas_report(proc.stderr).items():
+        m = re.search(r"((?:div|logprobs)_(?:fwd|bwd)_kernel)I(\S*?)EEvNS", mangled)
+        if m:  # e.g. div_fwd_kernel<0,256> (template arguments; n1 is -1)
             args = [a.replace("n", "-") for a in re.findall(r"L[ib](n?\d+)E", m.group(2) + "E")]
-            kernel = m.group(1) + "<" + ",".join(args) + ">"
-        m = re.search(r"(\d+) bytes spill stores", line)
-        if m and kernel:
-            regs[kernel] = dict(spill_bytes=int(m.group(1)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and kernel:
-            regs[kernel]["registers"] = int(m.group(1))
+            regs[m.group(1) + "<" + ",".join(args) + ">"] = report
     return out, regs
 
 
@@ -121,10 +117,9 @@ def load(path: Path):
     return mod
 
 
-# (label, row_kernels op, divergence, forward+backward too, (reads per kept row, writes per row) of fwd and fwd+bwd)
-CASES = [("logprobs", "token_logprobs", None, True, ((1, 0), (2, 1))),
-         ("reverse_kl", "token_divergence", "reverse_kl", True, ((2, 0), (4, 1))),
-         ("js", "token_divergence", "js", False, ((2, 0), (4, 1)))]
+# (label, row_kernels op, divergence, forward+backward too)
+CASES = [("logprobs", "token_logprobs", None, True), ("reverse_kl", "token_divergence", "reverse_kl", True),
+         ("js", "token_divergence", "js", False)]
 
 
 def main(argv=None) -> int:
@@ -143,11 +138,11 @@ def main(argv=None) -> int:
 
     import fastpref
     from fastpref import _native
-    from row_kernels import bare_kernels, copy_bandwidth, inputs, timer
+    from row_kernels import SIZES, bare_kernels, copy_bandwidth, floor_bytes, inputs, timer
 
     if args.profile:
-        x, xr, y = inputs(8192, 128256, "cuda", torch.bfloat16, ignore_every=7)
-        for _, op, div, _, _ in CASES:
+        x, xr, y = inputs(*SIZES[0], "cuda", torch.bfloat16, ignore_every=7)
+        for _, op, div, _ in CASES:
             bare_kernels(op, "cuda", div)[0](x, xr, y)
         torch.cuda.synchronize()
         return 0
@@ -175,7 +170,7 @@ def main(argv=None) -> int:
         shown = [k for k in sorted(regs) if re.fullmatch(r"div_(fwd|bwd)_kernel<[02],\d\d\d+(,-?1)?>|"
                                                         r"logprobs_(fwd|bwd)_kernel<1,0,1,\d\d\d+>", k)]
         print(f"{name:9s} registers (spilled bytes): " +
-              ", ".join(f"{k} {regs[k]['registers']} ({regs[k]['spill_bytes']})" for k in shown))
+              ", ".join(f"{k} {regs[k]['registers']} ({regs[k]['spill_stores']})" for k in shown))
     if args.build_only:
         return 0
     mods = {name: load(path) for name, (path, _) in built.items()}
@@ -185,12 +180,13 @@ def main(argv=None) -> int:
     print(f"{device}: copy {bandwidth / 1e9:.0f} GB/s; variants {names} (base timed first and last)", flush=True)
     order = names + ["base"]
     rows = []
-    for N, V in [(8192, 128256), (32768, 32000)]:
+    for N, V in SIZES:
         x, xr, y = inputs(N, V, "cuda", torch.bfloat16, ignore_every=7)
         kept = int((y != -100).sum())
         out, out32 = torch.empty_like(x), torch.empty(x.shape, device=x.device)
-        for label, op, div, with_bwd, ((rf, wf), (rb, wb)) in CASES:
+        for label, op, div, with_bwd in CASES:
             fwd, fwd_bwd = bare_kernels(op, "cuda", div)
+            fwd_bytes, bwd_bytes = floor_bytes(op, N, V, kept, x.element_size())
             ref = None
             for i, name in enumerate(order):
                 _native.cuda_ext = mods[name]
@@ -203,10 +199,10 @@ def main(argv=None) -> int:
                 diff = max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) for a, b in zip(got, ref))
                 row = dict(variant=name, repeat=i > 0 and name == "base", case=label, N=N, V=V, max_rel_diff=diff,
                            fwd_s=measure(lambda: fwd(x, xr, y)))
-                row["fwd_frac"] = (rf * kept + wf * N) * V * 2 / row["fwd_s"] / bandwidth
+                row["fwd_frac"] = fwd_bytes / row["fwd_s"] / bandwidth
                 if with_bwd:
                     row["fwd_bwd_s"] = measure(lambda: fwd_bwd(x, xr, y, out))
-                    row["fwd_bwd_frac"] = (rb * kept + wb * N) * V * 2 / row["fwd_bwd_s"] / bandwidth
+                    row["fwd_bwd_frac"] = bwd_bytes / row["fwd_bwd_s"] / bandwidth
                 rows.append(row)
                 bwd = (f"  fwd+bwd {row['fwd_bwd_s'] * 1e3:7.3f} ms ({row['fwd_bwd_frac']:6.1%})"
                        if with_bwd else "")

@@ -70,8 +70,19 @@ def eager_divergence(x, xr, labels):
     return (logp.exp() * (logp - logq)).sum(-1) * (labels != -100)
 
 
+SIZES = [(8192, 128256), (32768, 32000)]  # (N, V): a Llama-3 vocabulary, and a Llama-2 one with 4x the rows
+# Per op, (kept-row reads, all-row writes) per element of the forward and of forward+backward: the floors above.
+FLOORS = {"token_logprobs": ((1, 0), (2, 1)), "token_divergence": ((2, 0), (4, 1))}
+
+
+def floor_bytes(op, N, V, kept, elem):
+    """[forward, forward+backward] bytes of ``op``'s floor for N rows of V elements of ``elem`` bytes, ``kept``
+    of them read."""
+    return [(r * kept + w * N) * V * elem for r, w in FLOORS[op]]
+
+
 def cases(impls):
-    """(op, impl, forward(x, xr, labels) -> outputs, bytes-per-element multipliers (fwd, fwd+bwd))."""
+    """(op, impl, forward(x, xr, labels) -> outputs, FLOORS[op])."""
     for impl in impls:
         if impl == "eager":
             lp, dv = eager_logprobs, eager_divergence
@@ -81,9 +92,8 @@ def cases(impls):
 
             def dv(x, xr, labels, impl=impl):
                 return fastpref.token_divergence(x, xr, divergence="reverse_kl", labels=labels, backend=impl)
-        # (kept-row reads, all-row writes) per element of the forward and of forward+backward.
-        yield "token_logprobs", impl, (lambda x, xr, y, f=lp: f(x, y)), ((1, 0), (2, 1))
-        yield "token_divergence", impl, dv, ((2, 0), (4, 1))
+        yield "token_logprobs", impl, (lambda x, xr, y, f=lp: f(x, y)), FLOORS["token_logprobs"]
+        yield "token_divergence", impl, dv, FLOORS["token_divergence"]
 
 
 def bare_kernels(op, impl, div="reverse_kl"):
@@ -113,29 +123,9 @@ def bare_kernels(op, impl, div="reverse_kl"):
     return fwd, fwd_bwd
 
 
-# The divergences whose forward takes two passes (the lse's, then the sums), timed as bare kernels only.
+# The divergences whose forward takes two passes (the lse's, then the sums), timed as bare kernels only; their
+# floor is still one read of both rows, which the second pass re-reads unless they are still in L2.
 TWO_PASS = ("js", "alpha", "tv", "hellinger")
-
-
-def two_pass_row(impl, div, x, xr, labels, N, V, kept, measure, bandwidth):
-    """A row of the two-pass divergences' bare kernels; their floor is still one read of both rows, which the
-    second pass re-reads unless they are still in L2."""
-    fwd, fwd_bwd = bare_kernels("token_divergence", impl, div)
-    out = torch.empty_like(x)
-    row = dict(op=f"token_divergence[{div}]", impl=impl, N=N, V=V, kept=kept, dtype=str(x.dtype).split(".")[-1])
-    try:
-        row["kernel_fwd_s"] = measure(lambda: fwd(x, xr, labels))
-        row["kernel_fwd_bwd_s"] = measure(lambda: fwd_bwd(x, xr, labels, out))
-        row["kernel_fwd_bw_frac"] = 2 * kept * V * x.element_size() / row["kernel_fwd_s"] / bandwidth
-        row["kernel_fwd_bwd_bw_frac"] = (4 * kept + N) * V * x.element_size() / row["kernel_fwd_bwd_s"] / bandwidth
-        row["status"] = "ok"
-        print(f"{row['op']:28s} {impl:7s} N={N:6d} V={V:6d}  kernels: fwd {row['kernel_fwd_s'] * 1e3:7.3f} ms "
-              f"({row['kernel_fwd_bw_frac']:6.1%}) fwd+bwd {row['kernel_fwd_bwd_s'] * 1e3:7.3f} ms "
-              f"({row['kernel_fwd_bwd_bw_frac']:6.1%})", flush=True)
-    except Exception as exc:  # as in main: a failing backend is a row
-        row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
-        print(f"{row['op']:28s} {impl:7s} N={N:6d} V={V:6d}  FAILED {row['reason']}", flush=True)
-    return row
 
 
 def inputs(N, V, device, dtype, ignore_every=None):
@@ -166,6 +156,39 @@ def time_op(forward, x, xr, labels, measure):
     return measure(fwd), measure(fwd_bwd)
 
 
+def measured_row(op, label, impl, forward, kernels, x, xr, labels, measure, bandwidth):
+    """One row of the table, printed as it comes: ``forward`` through autograd (``time_op``; None: not timed)
+    and the bare ``kernels`` (``bare_kernels``; None: none), in seconds and as fractions of the copy bandwidth
+    of ``op``'s floor. A backend that fails is a row saying so, not the end of the run."""
+    N, V = x.shape
+    kept = int((labels != -100).sum())
+    nbytes = floor_bytes(op, N, V, kept, x.element_size())
+    row = dict(op=label, impl=impl, N=N, V=V, kept=kept, dtype=str(x.dtype).split(".")[-1])
+    text = ""
+    try:
+        if forward is not None:
+            row["fwd_s"], row["fwd_bwd_s"] = time_op(forward, x, xr, labels, measure)
+            row["fwd_bw_frac"], row["fwd_bwd_bw_frac"] = (b / t / bandwidth for b, t in
+                                                          zip(nbytes, (row["fwd_s"], row["fwd_bwd_s"])))
+            text += (f"  fwd {row['fwd_s'] * 1e3:8.3f} ms ({row['fwd_bw_frac']:6.1%} of copy)  fwd+bwd "
+                     f"{row['fwd_bwd_s'] * 1e3:8.3f} ms ({row['fwd_bwd_bw_frac']:6.1%})")
+        if kernels is not None:
+            out = torch.empty_like(x)
+            row["kernel_fwd_s"] = measure(lambda: kernels[0](x, xr, labels))
+            row["kernel_fwd_bwd_s"] = measure(lambda: kernels[1](x, xr, labels, out))
+            del out
+            row["kernel_fwd_bw_frac"], row["kernel_fwd_bwd_bw_frac"] = (
+                b / t / bandwidth for b, t in zip(nbytes, (row["kernel_fwd_s"], row["kernel_fwd_bwd_s"])))
+            text += (f"  kernels: fwd {row['kernel_fwd_s'] * 1e3:7.3f} ms ({row['kernel_fwd_bw_frac']:6.1%}) "
+                     f"fwd+bwd {row['kernel_fwd_bwd_s'] * 1e3:7.3f} ms ({row['kernel_fwd_bwd_bw_frac']:6.1%})")
+        row["status"] = "ok"
+    except Exception as exc:
+        row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
+        text = f"  FAILED {row['reason']}"
+    print(f"{label:27s} {impl:7s} N={N:6d} V={V:6d}{text}", flush=True)
+    return row
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,7 +197,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = args.device
     measure = timer(device)
-    sizes = [(64, 3001)] if args.tiny else [(8192, 128256), (32768, 32000)]
+    sizes = [(64, 3001)] if args.tiny else SIZES
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     bandwidth = copy_bandwidth(device, 2**20 if args.tiny else 2**31, measure)
     infos = fastpref.backends()
@@ -185,40 +208,13 @@ def main(argv=None):
     rows = []
     for N, V in sizes:
         x, xr, labels = inputs(N, V, device, dtype, ignore_every=7)
-        kept = int((labels != -100).sum())
-        elem = x.element_size()
-        for op, impl, forward, ((r_fwd, w_fwd), (r_bwd, w_bwd)) in cases(impls):
-            row = dict(op=op, impl=impl, N=N, V=V, kept=kept, dtype=str(dtype).split(".")[-1])
-            fwd_bytes = (r_fwd * kept + w_fwd * N) * V * elem
-            bwd_bytes = (r_bwd * kept + w_bwd * N) * V * elem
-            try:
-                row["fwd_s"], row["fwd_bwd_s"] = time_op(forward, x, xr, labels, measure)
-                row["fwd_bw_frac"] = fwd_bytes / row["fwd_s"] / bandwidth
-                row["fwd_bwd_bw_frac"] = bwd_bytes / row["fwd_bwd_s"] / bandwidth
-                kernels = bare_kernels(op, impl)
-                if kernels is not None:
-                    out = torch.empty_like(x)
-                    row["kernel_fwd_s"] = measure(lambda: kernels[0](x, xr, labels))
-                    row["kernel_fwd_bwd_s"] = measure(lambda: kernels[1](x, xr, labels, out))
-                    del out
-                    row["kernel_fwd_bw_frac"] = fwd_bytes / row["kernel_fwd_s"] / bandwidth
-                    row["kernel_fwd_bwd_bw_frac"] = bwd_bytes / row["kernel_fwd_bwd_s"] / bandwidth
-                row["status"] = "ok"
-            except Exception as exc:  # a backend that fails here is a row, not the end of the run
-                row.update(status="failed", reason=f"{type(exc).__name__}: {exc}"[:500])
-            rows.append(row)
-            if row["status"] == "ok":
-                bare = (f"  kernels: fwd {row['kernel_fwd_s'] * 1e3:7.3f} ms ({row['kernel_fwd_bw_frac']:6.1%}) "
-                        f"fwd+bwd {row['kernel_fwd_bwd_s'] * 1e3:7.3f} ms ({row['kernel_fwd_bwd_bw_frac']:6.1%})"
-                        if "kernel_fwd_s" in row else "")
-                print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  fwd {row['fwd_s'] * 1e3:8.3f} ms "
-                      f"({row['fwd_bw_frac']:6.1%} of copy)  fwd+bwd {row['fwd_bwd_s'] * 1e3:8.3f} ms "
-                      f"({row['fwd_bwd_bw_frac']:6.1%}){bare}", flush=True)
-            else:
-                print(f"{op:17s} {impl:7s} N={N:6d} V={V:6d}  FAILED {row['reason']}", flush=True)
+        for op, impl, forward, _ in cases(impls):
+            rows.append(measured_row(op, op, impl, forward, bare_kernels(op, impl), x, xr, labels, measure, bandwidth))
         for div in TWO_PASS:
             for impl in [i for i in impls if i in ("triton", "cuda", "cpu")]:
-                rows.append(two_pass_row(impl, div, x, xr, labels, N, V, kept, measure, bandwidth))
+                rows.append(measured_row("token_divergence", f"token_divergence[{div}]", impl, None,
+                                         bare_kernels("token_divergence", impl, div), x, xr, labels, measure,
+                                         bandwidth))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=name, torch=torch.__version__, copy_bandwidth=bandwidth, rows=rows), f, indent=1)

@@ -17,7 +17,7 @@ import torch
 
 from fastpref.kernels.triton import divergence as tdiv
 from fastpref.kernels.triton import logprobs as tlp
-from row_kernels import bare_kernels, cases, copy_bandwidth, inputs, time_op, timer  # run as a script: benchmarks/ on sys.path
+from row_kernels import bare_kernels, cases, copy_bandwidth, floor_bytes, inputs, time_op, timer  # run as a script: benchmarks/ on sys.path
 
 CANDIDATES = [(2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16), (16384, 16)]
 TABLES = {"token_logprobs": tlp, "token_divergence": tdiv}  # the module whose _CONFIGS each op launches with
@@ -33,11 +33,10 @@ def main(argv=None):
     measure = timer("cuda", warmup=25, rep=200)
     bandwidth = copy_bandwidth("cuda", 2**31, measure)  # before the inputs: the copy buffers are freed first
     x, xr, labels = inputs(N, V, "cuda", torch.bfloat16)
-    nbytes = N * V * x.element_size()
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s; N={N} V={V} bf16", flush=True)
     rows = []
-    for op, _, forward, (fwd_rw, all_rw) in cases(["triton"]):
-        k_fwd, k_all = sum(fwd_rw), sum(all_rw)  # no ignored rows here: every row is read and written
+    for op, _, forward, _ in cases(["triton"]):
+        fwd_bytes, all_bytes = floor_bytes(op, N, V, N, x.element_size())  # no ignored rows here
         kernel = bare_kernels(op, "triton")[0]
         module = TABLES[op]
         saved = module._CONFIGS
@@ -51,8 +50,8 @@ def main(argv=None):
                 rows.append(dict(op=op, block_v=block_v, num_warps=num_warps, error=str(exc)[:300]))
                 continue
             row = dict(op=op, block_v=block_v, num_warps=num_warps, fwd_s=t_fwd, fwd_bwd_s=t_all,
-                       fwd_frac=k_fwd * nbytes / t_fwd / bandwidth, fwd_bwd_frac=k_all * nbytes / t_all / bandwidth,
-                       kernel_fwd_s=t_kernel, kernel_fwd_frac=k_fwd * nbytes / t_kernel / bandwidth)
+                       fwd_frac=fwd_bytes / t_fwd / bandwidth, fwd_bwd_frac=all_bytes / t_all / bandwidth,
+                       kernel_fwd_s=t_kernel, kernel_fwd_frac=fwd_bytes / t_kernel / bandwidth)
             rows.append(row)
             print(f"{op:17s} BLOCK_V={block_v:5d} warps={num_warps:2d}  fwd {t_fwd * 1e3:7.3f} ms "
                   f"({row['fwd_frac']:6.1%})  fwd+bwd {t_all * 1e3:7.3f} ms ({row['fwd_bwd_frac']:6.1%})  "

@@ -20,6 +20,7 @@ import fastpref
 from conftest import backend_params
 from fastpref import _native
 from fastpref.divergences import REGISTRY
+from fastpref.kernels._ptxas import ptxas_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc").glob("*_cuda.cu"))
@@ -116,24 +117,6 @@ def test_launch_without_device_raises_the_cuda_error():
         _native.cuda_ext.logprobs_fwd(16, 5, 3, 5, 0, 16, 1.0, 0.0, -100, 16, 16, 0, 0)
 
 
-def _ptxas_report(text):
-    """{(kernel, arch): {"registers", "stack", "spill_stores", "spill_loads"}} from ``-Xptxas -v`` output."""
-    rows, current = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\w+)'", line)
-        if m:
-            current = (m.group(1), m.group(2))
-            rows[current] = {}
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m and current:
-            rows[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m and current:
-            rows[current]["registers"] = int(m.group(1))
-    return rows
-
-
 def _demangle(names):
     cxxfilt = shutil.which("c++filt")
     if not cxxfilt:
@@ -156,7 +139,7 @@ def test_kernels_compile_without_spills_for_sm80_and_sm90a(tmp_path):
     for name, arch, proc in jobs:
         out, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, f"nvcc failed on {name} for sm_{arch}:\n{out}"
-        found = _ptxas_report(out)
+        found = ptxas_report(out)
         assert found, f"no ptxas report for {name} sm_{arch}:\n{out}"
         assert all(f"sm_{arch}" == a for _, a in found), found.keys()
         rows.update({(name, *key): value for key, value in found.items()})
