@@ -23,6 +23,8 @@ def _bench_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on a CPU")
     p.add_argument("--out", default=None, help="output folder (default: ./fastpref-bench-<device>[-quick])")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions per measurement (default 3)")
+    p.add_argument("--sizes", type=int, default=None, metavar="K",
+                   help="only the first K sizes of each op's sweep (the smallest)")
     p.add_argument("--impls", nargs="+", default=None, metavar="IMPL",
                    help="only these implementations (eager, compile, cce, liger, kl_div, or fastpref backends "
                         "cpu, torch, triton); the eager reference always runs")
@@ -62,8 +64,10 @@ def main(argv=None) -> int:
             ap.error("--device cuda: no CUDA device visible to torch")
         mode = "tiny" if args.tiny else "quick" if args.quick else "full"
         out = args.out or f"fastpref-bench-{device}{'' if mode == 'full' else '-' + mode}"
+        if args.sizes is not None and args.sizes < 1:
+            ap.error("--sizes must be at least 1")
         return run(device=device, ops=args.ops, mode=mode, out=out, reps=args.reps, impls=args.impls,
-                   missing=args.pretend_missing)
+                   max_sizes=args.sizes, missing=args.pretend_missing)
     return 2
 
 

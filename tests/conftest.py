@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -54,6 +55,77 @@ def _gpu_default_device(request):
         yield
     finally:
         torch.set_default_device(None)
+
+
+def runs_on_gpu(item) -> bool:
+    """Whether a test puts work on a GPU, or checks something else, where there is one: a parameter that names a
+    GPU backend (``backend``, or a module's own fixture such as ``kern``), a module that sets ``GPU_TESTS``, the
+    ``device`` fixture, the ``gpu`` mark, or a name that says cuda, gpu or triton. The others run exactly as in
+    CI, on CPU tensors."""
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec else ()
+    return (any(isinstance(v, str) and v in GPU_BACKENDS for v in params)
+            or getattr(item.module, "GPU_TESTS", False) or "device" in item.fixturenames
+            or item.get_closest_marker("gpu") is not None
+            or any(word in item.name.lower() for word in ("cuda", "gpu", "triton")))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-only", action="store_true",
+                     help="only the tests that put work on a GPU (runs_on_gpu): benchmarks/gpu_check's selection, "
+                          "since CI runs the others")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--gpu-only"):
+        return
+    keep = [item for item in items if runs_on_gpu(item)]
+    dropped = [item for item in items if not runs_on_gpu(item)]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+# FASTPREF_TEST_LOG=FILE: each test's outcome and seconds appended to FILE as a JSON line when it ends, and each
+# Triton compile's seconds as the test that launched it ran, so that a run stopped at a time limit (as GPU
+# calls are) still says where its time went; benchmarks/gpu_check sums them up.
+_LOG = os.environ.get("FASTPREF_TEST_LOG")
+_running = {}  # nodeid -> [outcome, seconds so far]
+
+
+def _log(record: dict) -> None:
+    record["worker"] = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(_LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def pytest_runtest_logreport(report):
+    if not _LOG:
+        return
+    outcome, seconds = _running.setdefault(report.nodeid, ["passed", 0.0])
+    if report.outcome != "passed" and outcome == "passed":
+        outcome = report.outcome if report.when == "call" or report.outcome == "skipped" else "error"
+    _running[report.nodeid] = [outcome, seconds + report.duration]
+    if report.when == "teardown":
+        outcome, seconds = _running.pop(report.nodeid)
+        _log(dict(test=report.nodeid, outcome=outcome, seconds=round(seconds, 3)))
+
+
+def _triton_compiled(*, src, times, cache_hit, **_):
+    try:  # a log line never breaks a compile (the listener's arguments changed between Triton versions)
+        _log(dict(triton=getattr(getattr(src, "fn", None), "__name__", "?"), seconds=round(times.total / 1e6, 3),
+                  cache_hit=cache_hit, test=os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]))
+    except Exception:
+        pass
+
+
+if _LOG and not os.environ.get("TRITON_INTERPRET"):
+    try:
+        from triton import knobs
+    except ImportError:  # no triton, or one older than its compile listener: test times only
+        knobs = None
+    if knobs is not None and hasattr(knobs.compilation, "listener") and knobs.compilation.listener is None:
+        knobs.compilation.listener = _triton_compiled
 
 
 def generator(seed):

@@ -1,5 +1,6 @@
 """``fastpref bench`` end to end at tiny sizes (a hidden ``--tiny`` mode): the JSON schema, the plots, and
 the rows of peers that cannot run here."""
+import importlib
 import importlib.util
 import json
 import os
@@ -93,8 +94,6 @@ def test_peer_status():
 
 
 def test_every_op_has_a_suite():
-    import importlib
-
     for op in OPS:
         suite = importlib.import_module(f"fastpref.bench.{op}").SUITE
         assert suite.name == op and suite.peers[0].key == "eager"
@@ -105,3 +104,18 @@ def test_every_op_has_a_suite():
                 for s in sweep:
                     fwd, fwd_bwd = suite.work(dict(s, dtype="float32"))
                     assert fwd_bwd > fwd > 0
+
+
+def test_sizes_keeps_the_first_of_each_sweep(tmp_path):
+    """--sizes 1: the smallest size of each op alone (benchmarks/gpu_check's quick look at every op)."""
+    from fastpref.cli import main
+
+    assert main(["bench", "--tiny", "--device", "cpu", "--ops", "grpo", "dpo", "--impls", "eager", "--sizes", "1",
+                 "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    for op in ("grpo", "dpo"):
+        first = importlib.import_module(f"fastpref.bench.{op}").SUITE.sweep("cpu", "tiny")[0]
+        assert res["ops"][op]["sizes"] == [dict(first, dtype="float32")]
+        assert [r["sizes"] for r in res["rows"] if r["op"] == op] == [dict(first, dtype="float32")]
+    with pytest.raises(SystemExit):
+        main(["bench", "--tiny", "--sizes", "0"])

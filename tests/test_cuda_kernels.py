@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CUDA_SOURCES = sorted((ROOT / "csrc").glob("*_cuda.cu"))
 ARCHS = ("80", "90a")
 EXPLICIT_DEVICES = True  # tensors go to the GPU through _cuda() (conftest)
+GPU_TESTS = True  # the CUDA backend throughout (conftest.runs_on_gpu)
 
 
 def _nvcc():

@@ -69,6 +69,7 @@ def test_linear_errors(labels):
         fastpref.linear_logprobs(h, w, labels.view(-1))
 
 
+@pytest.mark.gpu
 def test_backend_errors(logits, labels, monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         fastpref.token_logprobs(logits, labels, backend="cudnn")

@@ -141,8 +141,9 @@ def _finish(row: dict, result: dict, ref: dict | None, floor_s: tuple[float, flo
 
 
 def run(*, device: str, ops=OPS, mode: str = "full", out: str, reps: int | None = None,
-        impls: list[str] | None = None, missing: list[str] = ()) -> int:
-    """Runs the suite; returns the exit status (1 when a fastpref row failed or differs from the reference)."""
+        impls: list[str] | None = None, max_sizes: int | None = None, missing: list[str] = ()) -> int:
+    """Runs the suite (the first ``max_sizes`` sizes of each sweep, or all); returns the exit status (1 when a
+    fastpref row failed or differs from the reference)."""
     from . import report
 
     started = time.time()
@@ -155,9 +156,10 @@ def run(*, device: str, ops=OPS, mode: str = "full", out: str, reps: int | None 
     floors = measure_floors(device, dtype, tiny=mode == "tiny")
     ui.header(f"floors: copy {floors['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write), "
               f"matmul {floors['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s ({dtype})")
+    sweeps = {suite.name: suite.sweep(device, mode)[:max_sizes] for suite in suites}
     plan = []  # (suite, sizes, rows)
     for suite in suites:
-        for sizes in suite.sweep(device, mode):
+        for sizes in sweeps[suite.name]:
             sizes = dict(sizes, dtype=dtype)
             plan.append((suite, sizes, _jobs(suite, device, sizes, set(impls or ()), set(missing))))
     rows = []
@@ -166,7 +168,7 @@ def run(*, device: str, ops=OPS, mode: str = "full", out: str, reps: int | None 
         return dict(schema=SCHEMA, device=device, device_name=device_name(device), mode=mode, reps=reps,
                     cpu_threads=torch.get_num_threads(), versions=versions(), floors=floors,
                     ops={s.name: dict(op=s.op, title=s.title, floor=s.floor, floor_work=s.floor_doc,
-                                      x_label=s.x_label, sizes=[dict(z, dtype=dtype) for z in s.sweep(device, mode)])
+                                      x_label=s.x_label, sizes=[dict(z, dtype=dtype) for z in sweeps[s.name]])
                          for s in suites},
                     started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)), rows=rows, partial=partial)
 
