@@ -146,8 +146,9 @@ def check(fwd, outs, want, grad_rtol, atol=ATOL, grad_atol=0.0):
 # and lse * log2(e) (Triton), or with FMAs the CPU build does not contract, which round away from 0 when
 # T != 1, so their gradients are rounding noise rather than exact zeros, and total variation's, a step in
 # sign(p - q), are then O(grad) wrong. fp16 for the C++ kernels alone, to keep the interpreter's time down:
-# fp16 logits and gradients reach the Triton kernel in test_layouts_... below.
-@per_backend("dtype,V", [(dt, V) for dt in DTYPES for V in (1, 7, 1000, 70001)],
+# fp16 logits and gradients reach the Triton kernel in test_layouts_... below. V = 4096 is two whole blocks of
+# the GPU kernels (no partial last block), 1000 one partial block, 70001 both.
+@per_backend("dtype,V", [(dt, V) for dt in DTYPES for V in (1, 7, 1000, 4096, 70001)],
              where=lambda backend, dtype, V: backend == "cpu" or (V > 1 and (backend == "cuda" or
                                                                               dtype != torch.float16)))
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -67,6 +67,8 @@ def test_token_logprobs_dtypes(backend, dtype):
 def test_token_logprobs_large_vocab_and_one_token(backend):
     V = 70001  # > 65536 and odd
     check_token(backend, torch.randn(3, V) * 4, torch.tensor([0, V - 1, 12345]))
+    # Two whole 2048-wide blocks of the GPU kernels (no partial one), labels at both edges of each.
+    check_token(backend, torch.randn(5, 4096) * 4, torch.tensor([0, 2047, 2048, 4095, -100]), temperature=0.7)
     check_token(backend, torch.randn(1, 1, 37), torch.tensor([[36]]), entropy=False)
 
 

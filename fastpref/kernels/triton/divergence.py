@@ -112,6 +112,50 @@ def _terms(l2p, l2q, d2, param, k0, k1, DIV: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(x_row, xr_row, v0, cols, V, TAIL: tl.constexpr):
+    """One block of both rows as fp32 raw logits. Only the last, partial block (TAIL) masks its loads, its
+    lanes past V taking NEG_BIG (scaled, it may overflow to -inf: its exp2 is still 0, and x - xr = 0 there);
+    the full blocks before it pay no mask, select or predicate per element."""
+    if TAIL:
+        idx = v0 + cols
+        x = tl.where(idx < V, tl.load(x_row + idx, mask=idx < V, other=0.0).to(tl.float32), NEG_BIG)
+        xr = tl.where(idx < V, tl.load(xr_row + idx, mask=idx < V, other=0.0).to(tl.float32), NEG_BIG)
+    else:
+        x = tl.load(x_row + v0 + cols).to(tl.float32)
+        xr = tl.load(xr_row + v0 + cols).to(tl.float32)
+    return x, xr
+
+
+@triton.jit
+def _online_block(x, xr, c, m, mr, s_acc, sr_acc, t_acc, DIV: tl.constexpr):
+    """One block of the forward's online softmax over raw logits, in base 2 (c = log2(e) / T): maxima m, mr
+    of w = x c (c > 0 and monotonic rounding: the max of the scaled logits is the scaled max), per-lane sums
+    of 2^(w - m) with each exponent one FFMA on the raw logit, and for the KLs the expectation of x - xr in
+    raw units (scaled once per row)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0) * c)
+    mr_new = tl.maximum(mr, tl.max(xr, axis=0) * c)
+    alpha = tl.exp2(m - m_new)
+    alpha_r = tl.exp2(mr - mr_new)
+    e = tl.exp2(tl.fma(x, c, -m_new))
+    er = tl.exp2(tl.fma(xr, c, -mr_new))
+    s_acc = s_acc * alpha + e
+    sr_acc = sr_acc * alpha_r + er
+    # KL's expectation rides along, rescaled with the sum whose weights it uses.
+    if DIV == DIV_REVERSE_KL:
+        t_acc = t_acc * alpha + e * (x - xr)
+    elif DIV == DIV_FORWARD_KL:
+        t_acc = t_acc * alpha_r + er * (xr - x)
+    return m_new, mr_new, s_acc, sr_acc, t_acc
+
+
+@triton.jit
+def _terms_raw(x, xr, c, lse2, lse2_r, dl, param, k0, k1, DIV: tl.constexpr):
+    """``_terms`` of raw logits: log2 p = x c - lse2 and d2 = (x - xr) c - dl, each one FFMA (x - xr is
+    exact for 16-bit logits, and 0 for identical rows, whose d2 is then exactly 0)."""
+    return _terms(tl.fma(x, c, -lse2), tl.fma(xr, c, -lse2_r), tl.fma(x - xr, c, -dl), param, k0, k1, DIV)
+
+
+@triton.jit
 def _div_fwd_kernel(
     x_ptr, xr_ptr, labels_ptr, value_ptr, lse_ptr, lse_r_ptr, sa_ptr, sb_ptr,
     V, stride_x, stride_xr, ignore_index,
@@ -124,6 +168,7 @@ def _div_fwd_kernel(
         keep = tl.load(labels_ptr + row) != ignore_index
         # Masked rows run zero iterations: their logits are never read.
         v_end = tl.where(keep, V, 0)
+    v_full = v_end - v_end % BLOCK_V
     x_row = x_ptr + row * stride_x
     xr_row = xr_ptr + row * stride_xr
     cols = tl.arange(0, BLOCK_V)
@@ -132,26 +177,12 @@ def _div_fwd_kernel(
     s_acc = tl.zeros((BLOCK_V,), tl.float32)
     sr_acc = tl.zeros((BLOCK_V,), tl.float32)
     t_acc = tl.zeros((BLOCK_V,), tl.float32)
-    for v0 in range(0, v_end, BLOCK_V):
-        idx = v0 + cols
-        mask = idx < V
-        w = tl.where(mask, tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
-        wr = tl.where(mask, tl.load(xr_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
-        m_new = tl.maximum(m, tl.max(w, axis=0))
-        mr_new = tl.maximum(mr, tl.max(wr, axis=0))
-        alpha = tl.exp2(m - m_new)
-        alpha_r = tl.exp2(mr - mr_new)
-        e = tl.exp2(w - m_new)
-        er = tl.exp2(wr - mr_new)
-        s_acc = s_acc * alpha + e
-        sr_acc = sr_acc * alpha_r + er
-        # KL's expectation rides along, rescaled with the sum whose weights it uses.
-        if DIV == DIV_REVERSE_KL:
-            t_acc = t_acc * alpha + e * (w - wr)
-        elif DIV == DIV_FORWARD_KL:
-            t_acc = t_acc * alpha_r + er * (wr - w)
-        m = m_new
-        mr = mr_new
+    for v0 in range(0, v_full, BLOCK_V):
+        x, xr = _load_rows(x_row, xr_row, v0, cols, V, False)
+        m, mr, s_acc, sr_acc, t_acc = _online_block(x, xr, scale, m, mr, s_acc, sr_acc, t_acc, DIV)
+    if v_full < v_end:
+        x, xr = _load_rows(x_row, xr_row, v_full, cols, V, True)
+        m, mr, s_acc, sr_acc, t_acc = _online_block(x, xr, scale, m, mr, s_acc, sr_acc, t_acc, DIV)
     s = tl.sum(s_acc, axis=0)
     sr = tl.sum(sr_acc, axis=0)
     if HAS_LABELS:
@@ -163,23 +194,26 @@ def _div_fwd_kernel(
     dl = lse2 - lse2_r
     if DIV == DIV_REVERSE_KL:
         # sum p (lp - lq) = E_p[z - zr] - (lse - lse_r); pa = p (lp - lq + 1), qb = -p.
-        value = (tl.sum(t_acc, axis=0) / s - dl) * LN2
+        value = (tl.sum(t_acc, axis=0) * scale / s - dl) * LN2
         s_a = value + 1.0
         s_b = tl.full((), -1.0, tl.float32)
     elif DIV == DIV_FORWARD_KL:
-        value = (tl.sum(t_acc, axis=0) / sr + dl) * LN2
+        value = (tl.sum(t_acc, axis=0) * scale / sr + dl) * LN2
         s_a = tl.full((), -1.0, tl.float32)
         s_b = value + 1.0
     else:
         qf_acc = tl.zeros((BLOCK_V,), tl.float32)
         pa_acc = tl.zeros((BLOCK_V,), tl.float32)
         qb_acc = tl.zeros((BLOCK_V,), tl.float32)
-        for v0 in range(0, v_end, BLOCK_V):
-            idx = v0 + cols
-            mask = idx < V
-            w = tl.where(mask, tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
-            wr = tl.where(mask, tl.load(xr_row + idx, mask=mask, other=0.0).to(tl.float32) * scale, NEG_BIG)
-            _, _, qf, pa, qb = _terms(w - lse2, wr - lse2_r, (w - wr) - dl, param, k0, k1, DIV)
+        for v0 in range(0, v_full, BLOCK_V):
+            x, xr = _load_rows(x_row, xr_row, v0, cols, V, False)
+            _, _, qf, pa, qb = _terms_raw(x, xr, scale, lse2, lse2_r, dl, param, k0, k1, DIV)
+            qf_acc += qf
+            pa_acc += pa
+            qb_acc += qb
+        if v_full < v_end:
+            x, xr = _load_rows(x_row, xr_row, v_full, cols, V, True)
+            _, _, qf, pa, qb = _terms_raw(x, xr, scale, lse2, lse2_r, dl, param, k0, k1, DIV)
             qf_acc += qf
             pa_acc += pa
             qb_acc += qb
@@ -202,6 +236,32 @@ def _div_fwd_kernel(
 
 
 @triton.jit
+def _store_rows(out_x_row, out_xr_row, v0, cols, V, gx, gxr, HAS_OUT_X: tl.constexpr, HAS_OUT_XR: tl.constexpr,
+                TAIL: tl.constexpr):
+    idx = v0 + cols
+    if HAS_OUT_X:
+        if TAIL:
+            tl.store(out_x_row + idx, gx.to(out_x_row.dtype.element_ty), mask=idx < V)
+        else:
+            tl.store(out_x_row + idx, gx.to(out_x_row.dtype.element_ty))
+    if HAS_OUT_XR:
+        if TAIL:
+            tl.store(out_xr_row + idx, gxr.to(out_xr_row.dtype.element_ty), mask=idx < V)
+        else:
+            tl.store(out_xr_row + idx, gxr.to(out_xr_row.dtype.element_ty))
+
+
+@triton.jit
+def _grad_block(x_row, xr_row, out_x_row, out_xr_row, v0, cols, V, c, lse2, lse2_r, dl, g, s_a, s_b, param, k0, k1,
+                DIV: tl.constexpr, HAS_OUT_X: tl.constexpr, HAS_OUT_XR: tl.constexpr, TAIL: tl.constexpr):
+    # Both rows are read (into registers) before either gradient is stored: out may be x or xr itself.
+    x, xr = _load_rows(x_row, xr_row, v0, cols, V, TAIL)
+    p, q, _, pa, qb = _terms_raw(x, xr, c, lse2, lse2_r, dl, param, k0, k1, DIV)
+    _store_rows(out_x_row, out_xr_row, v0, cols, V, g * (pa - p * s_a), g * (qb - q * s_b), HAS_OUT_X, HAS_OUT_XR,
+                TAIL)
+
+
+@triton.jit
 def _div_bwd_kernel(
     x_ptr, xr_ptr, labels_ptr, lse_ptr, lse_r_ptr, sa_ptr, sb_ptr, grad_ptr, out_x_ptr, out_xr_ptr,
     V, stride_x, stride_xr, stride_out_x, stride_out_xr, ignore_index,
@@ -210,38 +270,34 @@ def _div_bwd_kernel(
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    g = tl.load(grad_ptr + row) * inv_temperature
-    lse2 = tl.load(lse_ptr + row) * LOG2E
-    lse2_r = tl.load(lse_r_ptr + row) * LOG2E
-    s_a = tl.load(sa_ptr + row)
-    s_b = tl.load(sb_ptr + row)
-    v_read = V
-    if HAS_LABELS:
-        # Zeros in every per-row scalar (whatever the caller left there, NaN included) and no reads make
-        # every lane's p = q = 0 and its gradient 0, while the stores still write the row's zeros.
-        keep = tl.load(labels_ptr + row) != ignore_index
-        v_read = tl.where(keep, V, 0)
-        g = tl.where(keep, g, 0.0)
-        lse2 = tl.where(keep, lse2, 0.0)
-        lse2_r = tl.where(keep, lse2_r, 0.0)
-        s_a = tl.where(keep, s_a, 0.0)
-        s_b = tl.where(keep, s_b, 0.0)
-    dl = lse2 - lse2_r
     x_row = x_ptr + row * stride_x
     xr_row = xr_ptr + row * stride_xr
     out_x_row = out_x_ptr + row * stride_out_x
     out_xr_row = out_xr_ptr + row * stride_out_xr
     cols = tl.arange(0, BLOCK_V)
-    for v0 in range(0, V, BLOCK_V):
-        idx = v0 + cols
-        read = idx < v_read
-        w = tl.where(read, tl.load(x_row + idx, mask=read, other=0.0).to(tl.float32) * scale, NEG_BIG)
-        wr = tl.where(read, tl.load(xr_row + idx, mask=read, other=0.0).to(tl.float32) * scale, NEG_BIG)
-        p, q, _, pa, qb = _terms(w - lse2, wr - lse2_r, (w - wr) - dl, param, k0, k1, DIV)
-        if HAS_OUT_X:
-            tl.store(out_x_row + idx, (g * (pa - p * s_a)).to(out_x_ptr.dtype.element_ty), mask=idx < V)
-        if HAS_OUT_XR:
-            tl.store(out_xr_row + idx, (g * (qb - q * s_b)).to(out_xr_ptr.dtype.element_ty), mask=idx < V)
+    keep = True
+    if HAS_LABELS:
+        keep = tl.load(labels_ptr + row) != ignore_index
+    if keep:
+        g = tl.load(grad_ptr + row) * inv_temperature
+        lse2 = tl.load(lse_ptr + row) * LOG2E
+        lse2_r = tl.load(lse_r_ptr + row) * LOG2E
+        s_a = tl.load(sa_ptr + row)
+        s_b = tl.load(sb_ptr + row)
+        dl = lse2 - lse2_r
+        v_full = V - V % BLOCK_V
+        for v0 in range(0, v_full, BLOCK_V):
+            _grad_block(x_row, xr_row, out_x_row, out_xr_row, v0, cols, V, scale, lse2, lse2_r, dl, g, s_a, s_b,
+                        param, k0, k1, DIV, HAS_OUT_X, HAS_OUT_XR, False)
+        if v_full < V:
+            _grad_block(x_row, xr_row, out_x_row, out_xr_row, v_full, cols, V, scale, lse2, lse2_r, dl, g, s_a, s_b,
+                        param, k0, k1, DIV, HAS_OUT_X, HAS_OUT_XR, True)
+    else:
+        # A masked row's gradients are zeros, written without reading its logits or its per-row scalars
+        # (whatever the caller left there, NaN included).
+        zeros = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            _store_rows(out_x_row, out_xr_row, v0, cols, V, zeros, zeros, HAS_OUT_X, HAS_OUT_XR, True)
 
 
 def _check_rows(t: torch.Tensor, name: str, shape=None) -> None:

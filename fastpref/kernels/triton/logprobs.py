@@ -22,6 +22,9 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # in 1 - e as u -> 0 (and a softcapped logit near 0 would carry that error into logp), while at 0.25 the
 # series' truncation error (~0.009 u^10 relative) is already far below fp32 epsilon.
 TANH_SERIES_MAX: tl.constexpr = tl.constexpr(0.25)
+# Finite stand-in for -inf: the running max starts there, so a block whose real logits are all -inf cannot
+# produce exp2(-inf - -inf), and masked lanes give exp2(.) = 0 and 0 * x = 0 (never 0 * inf = nan).
+NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
 
 # (largest V, BLOCK_V, num_warps), first match wins. The table is short because the AOT check compiles
 # every variant. Both entries give each thread BLOCK_V / (32 * num_warps) = 8 or 16 elements, which Triton
@@ -63,55 +66,79 @@ def _tanh_sech2(u):
 
 
 @triton.jit
+def _load_row(x_row, v0, cols, V, inv_softcap, SOFTCAP: tl.constexpr, TAIL: tl.constexpr):
+    """One block of the row as fp32 logits, softcapped (c tanh(x / c), c folded into ``scale``). Only the last,
+    partial block (TAIL) masks its loads; its lanes past V take NEG_BIG after the softcap (scaled, it may
+    overflow to -inf: its exp2 is still 0). The full blocks before it pay no mask, select or predicate per
+    element."""
+    if TAIL:
+        idx = v0 + cols
+        x = tl.load(x_row + idx, mask=idx < V, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(x_row + v0 + cols).to(tl.float32)
+    if SOFTCAP:
+        x, _ = _tanh_sech2(x * inv_softcap)
+    if TAIL:
+        x = tl.where(v0 + cols < V, x, NEG_BIG)
+    return x
+
+
+@triton.jit
+def _online_block(x, c, m, s_acc, t_acc, WITH_ENTROPY: tl.constexpr):
+    """One block of the online softmax in base 2 (w = x c, c = ``scale``): the max m of w (c > 0 and
+    monotonic rounding: the max of the scaled logits is the scaled max), per-lane sums of 2^(w - m), each
+    exponent one FFMA, and for the entropy the expectation of x (scaled once per row)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0) * c)
+    alpha = tl.exp2(m - m_new)
+    e = tl.exp2(tl.fma(x, c, -m_new))
+    # Per-lane accumulators rescaled by one scalar: one reduction per block (the max), not two or three.
+    s_acc = s_acc * alpha + e
+    if WITH_ENTROPY:
+        t_acc = t_acc * alpha + e * x
+    return m_new, s_acc, t_acc
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     x_ptr, labels_ptr, logp_ptr, lse_ptr, ent_ptr,
     V, stride_x, ignore_index,
     scale, inv_softcap,
     SOFTCAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # scale = log2(e) / T, or log2(e) * c / T with a softcap, so w = z * log2(e) costs one multiply.
+    # scale = log2(e) / T, or log2(e) * c / T with a softcap, so w = z * log2(e) is one multiply of x.
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(labels_ptr + row)
     keep = y != ignore_index
     # Ignored rows run zero iterations: their logits are never read.
     v_end = tl.where(keep, V, 0)
+    v_full = v_end - v_end % BLOCK_V
     x_row = x_ptr + row * stride_x
     cols = tl.arange(0, BLOCK_V)
-    # Finite stand-in for -inf: masked lanes then give exp2(.) = 0 and 0 * w = 0 (never 0 * inf = nan),
-    # and a block whose real logits are all -inf cannot produce exp2(-inf - -inf).
-    neg_big = -3.0e38
-    m = tl.full((), neg_big, tl.float32)
+    m = tl.full((), NEG_BIG, tl.float32)
     s_acc = tl.zeros((BLOCK_V,), tl.float32)
     t_acc = tl.zeros((BLOCK_V,), tl.float32)
-    wy = tl.zeros((), tl.float32)
-    for v0 in range(0, v_end, BLOCK_V):
-        idx = v0 + cols
-        mask = idx < V
-        x = tl.load(x_row + idx, mask=mask, other=0.0).to(tl.float32)
-        if SOFTCAP:
-            x, _ = _tanh_sech2(x * inv_softcap)
-        w = tl.where(mask, x * scale, neg_big)
-        m_new = tl.maximum(m, tl.max(w, axis=0))
-        alpha = tl.exp2(m - m_new)
-        e = tl.exp2(w - m_new)
-        # Per-lane accumulators rescaled by one scalar: one reduction per block (the max), not two or three.
-        s_acc = s_acc * alpha + e
-        if WITH_ENTROPY:
-            t_acc = t_acc * alpha + e * w
+    xy = tl.zeros((), tl.float32)
+    for v0 in range(0, v_full, BLOCK_V):
+        x = _load_row(x_row, v0, cols, V, inv_softcap, SOFTCAP, False)
+        m, s_acc, t_acc = _online_block(x, scale, m, s_acc, t_acc, WITH_ENTROPY)
         # The label's logit comes from the block already in registers; the branch is taken once per row,
         # so its reduction is cheaper than carrying a per-lane vector through every iteration.
         if (y >= v0) & (y < v0 + BLOCK_V):
-            wy = tl.sum(tl.where(idx == y, w, 0.0), axis=0)
-        m = m_new
+            xy = tl.sum(tl.where(v0 + cols == y, x, 0.0), axis=0)
+    if v_full < v_end:
+        x = _load_row(x_row, v_full, cols, V, inv_softcap, SOFTCAP, True)
+        m, s_acc, t_acc = _online_block(x, scale, m, s_acc, t_acc, WITH_ENTROPY)
+        if y >= v_full:
+            xy = tl.sum(tl.where(v_full + cols == y, x, 0.0), axis=0)
     # An ignored row summed nothing; 1 keeps its discarded results finite (no log2(0), no 0/0).
     s = tl.where(keep, tl.sum(s_acc, axis=0), 1.0)
     lse2 = m + tl.log2(s)
-    logp = (wy - lse2) * LN2
+    logp = (xy * scale - lse2) * LN2
     lse = lse2 * LN2
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
     if WITH_ENTROPY:
-        ent = lse - tl.sum(t_acc, axis=0) / s * LN2
+        ent = lse - tl.sum(t_acc, axis=0) * scale / s * LN2
         tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
 
 
