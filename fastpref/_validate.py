@@ -53,6 +53,12 @@ def check_label_values(labels, vocab: int, ignore_index: int) -> None:
         raise ValueError(f"labels must be in [0, {vocab}) or equal ignore_index={ignore_index}, found {value}")
 
 
+def check_chunk_size(chunk_size) -> None:
+    """Tokens per chunk of the fused-linear ops: a positive int, or None for the automatic budget."""
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def check_positive(name: str, value, *, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return

@@ -96,12 +96,22 @@ REGISTRY: dict[str, Divergence] = {
 }
 
 
+# Parameter names the losses document for a divergence whose own name there means something else (their
+# ``beta`` is DPO's temperature or PPO's KL weight): js_beta is js's beta.
+ALIASES = {"js_beta": "beta"}
+
+
 def get(name: str, params: dict) -> tuple[Divergence, float]:
     """The registry entry and its (validated) parameter value; unknown names or parameters raise."""
+    clash = [a for a, p in ALIASES.items() if a in params and p in params]
+    if clash:
+        raise TypeError(f"got both {clash[0]!r} and {ALIASES[clash[0]]!r}: they name one parameter")
+    given = {ALIASES.get(k, k): k for k in params}  # canonical name -> the caller's
+    params = {ALIASES.get(k, k): v for k, v in params.items()}
     if name not in REGISTRY:
         raise ValueError(f"unknown divergence {name!r}; valid: {', '.join(REGISTRY)}")
     d = REGISTRY[name]
-    extra = set(params) - ({d.param} if d.param else set())
+    extra = {given[k] for k in params if k != d.param}
     if extra:
         allowed = f"its parameter is {d.param!r}" if d.param else "it takes no parameter"
         raise TypeError(f"divergence {name!r} got unexpected parameter(s) {sorted(extra)}; {allowed}")

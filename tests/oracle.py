@@ -10,7 +10,7 @@ def logprobs_f64(logits, labels, *, ignore_index=-100, temperature=1.0, softcap=
     z = z / temperature
     lsm = torch.log_softmax(z, dim=-1)
     keep = labels != ignore_index
-    lp = lsm.gather(-1, torch.where(keep, labels, 0).unsqueeze(-1)).squeeze(-1)
+    lp = lsm.gather(-1, torch.where(keep, labels, 0).long().unsqueeze(-1)).squeeze(-1)
     ent = -(lsm.exp() * lsm).sum(-1)
     zero = torch.zeros((), dtype=torch.float64, device=z.device)
     return torch.where(keep, lp, zero), torch.where(keep, ent, zero)

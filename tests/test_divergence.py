@@ -153,6 +153,13 @@ def test_divergence_errors():
         fastpref.token_divergence(x, xr, divergence="js", beta=0.0)
     with pytest.raises(TypeError, match="unexpected parameter"):
         fastpref.token_divergence(x, xr, divergence="tv", beta=0.5)
+    # js_beta, the name the losses document, is js's beta everywhere; the caller's name is the one reported.
+    assert torch.equal(fastpref.token_divergence(x, xr, divergence="js", js_beta=0.3),
+                       fastpref.token_divergence(x, xr, divergence="js", beta=0.3))
+    with pytest.raises(TypeError, match=r"unexpected parameter\(s\) \['js_beta'\]; its parameter is 'alpha'"):
+        fastpref.token_divergence(x, xr, divergence="alpha", js_beta=0.3)
+    with pytest.raises(TypeError, match="got both 'js_beta' and 'beta'"):
+        fastpref.token_divergence(x, xr, divergence="js", js_beta=0.3, beta=0.3)
     with pytest.raises(ValueError, match="ref_logits must have the shape of logits"):
         fastpref.token_divergence(x, xr[:, :9])
     with pytest.raises(ValueError, match="ref_logits is on meta but logits is on cpu"):

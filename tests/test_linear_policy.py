@@ -33,7 +33,7 @@ CASES = [
     dict(entropy_coef=0.01, loss_agg="seq-mean-token-sum-norm", temperature=0.7),
     dict(ref="logp", kl_coef=0.1, kl_estimator="k3"),
     dict(ref="model", kl_coef=0.1, kl_estimator="low_var_kl+"),
-    dict(ref="model", divergence="js", kl_coef=0.2, loss_agg="seq-mean-token-sum"),
+    dict(ref="model", divergence="js", js_beta=0.3, kl_coef=0.2, loss_agg="seq-mean-token-sum"),
     dict(importance="sequence", clip_low=3e-4, clip_high=4e-4, loss_agg="seq-mean-token-mean"),
     dict(old=None, softcap=3.0, num_items=20),
 ]
@@ -42,14 +42,14 @@ CASES = [
 def unfused(hidden, weight, bias, labels, mask, old, adv, ref_hidden, case):
     kw = dict(case)
     ref, temperature, softcap = kw.pop("ref", None), kw.pop("temperature", 1.0), kw.pop("softcap", None)
-    divergence = kw.pop("divergence", None)
+    divergence, js_beta = kw.pop("divergence", None), kw.pop("js_beta", 0.5)
     kw.pop("old", None)
     logits = hidden.double() @ weight.double().T + bias.double()
     y = labels.masked_fill(~mask, -100)
     lp, ent = logprobs_f64(logits, y, temperature=temperature, softcap=softcap)
     ref_logits = ref_hidden.double() @ weight.detach().double().T + bias.detach().double()  # a frozen reference
     if divergence is not None:
-        kw["kl"] = divergence_f64(logits, ref_logits, divergence, 0.5, temperature=temperature, labels=y)
+        kw["kl"] = divergence_f64(logits, ref_logits, divergence, js_beta, temperature=temperature, labels=y)
     elif ref is not None:
         kw["ref_logp"], _ = logprobs_f64(ref_logits, y, temperature=temperature)
     return fastpref.ppo_loss(lp, old, adv, mask, entropy=ent, **kw).loss

@@ -235,3 +235,6 @@ def test_linear_dpo_errors():
         fastpref.linear_dpo_loss(hidden, weight, labels, ref_chosen_logps=ref[0][:2], ref_rejected_logps=ref[1])
     with pytest.raises(ValueError, match="not both"):
         fastpref.linear_dpo_loss(hidden, weight, labels, ref_hidden=hidden, ref_weight=weight, **kw)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+            fastpref.linear_dpo_loss(hidden, weight, labels, chunk_size=bad, **kw)

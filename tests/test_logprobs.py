@@ -81,6 +81,10 @@ def test_token_logprobs_strided_inputs(backend):
     check_token(backend, full[:, :-1], labels)
     # Vocabulary dimension not contiguous.
     check_token(backend, torch.randn(V, 4).t(), make_labels((4,), V), temperature=1.3)
+    # A one-entry vocabulary's stride says nothing (a view (3, 2)[:, ::2] has strides (2, 2)).
+    check_token(backend, torch.randn(3, 2)[:, ::2], torch.tensor([0, -100, 0]))
+    # Labels of any integer width.
+    check_token(backend, full[:, :-1], labels.to(torch.int16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -134,6 +134,26 @@ def test_dpo_loss_f_divergences(loss_type, divergence, param):
     close(cw.grad, fd_grad(lambda x: sum(per(x)) / 5, args[0]), 1e-4, "grad")
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_orpo_gradients_when_a_log_prob_is_almost_zero(backend):
+    """A sequence's average log-prob in (-6e-8, 0), where fp32 exp() rounds to 1: the loss and both gradients
+    are finite and match float64 (the unused form of log(1 - e^x) once turned them into NaN)."""
+    cw = torch.tensor([-1e-9, -0.5], requires_grad=True)
+    cl = torch.tensor([-2.0, -1e-9], requires_grad=True)
+    ones = torch.ones(2)
+    out = fastpref.dpo_loss(cw, cl, loss_type="orpo", beta=0.1, chosen_lengths=ones, rejected_lengths=ones,
+                            backend=backend)
+    got = torch.autograd.grad(out.loss, (cw, cl))
+    w, l = cw.detach().double().requires_grad_(), cl.detach().double().requires_grad_()
+    log_odds = lambda a: a - torch.log(-torch.expm1(a))  # noqa: E731
+    want_loss = -w.sum() / 2 - 0.1 * torch.nn.functional.logsigmoid(log_odds(w) - log_odds(l)).mean()
+    want = torch.autograd.grad(want_loss, (w, l))
+    close(out.loss, want_loss.detach(), 1e-6, "loss")
+    for g, r in zip(got, want):
+        assert torch.isfinite(g).all(), g
+        close(g, r, 1e-5, "grad")
+
+
 def test_dpo_loss_reductions_and_rewards():
     w, l, rw, rl, _, _ = inputs()
     out = fastpref.dpo_loss(w, l, rw, rl, beta=0.2, reduction="none")

@@ -7,7 +7,7 @@ Row-kernel contract (shared by ``kernels/cpu.py``, ``kernels/triton/logprobs.py`
 
 ``row_forward(x, labels, *, temperature, softcap, ignore_index, with_entropy) -> (logp, lse, entropy)``
     x: [n, V] float16/bfloat16/float32 raw logits, last dim contiguous, any row stride.
-    labels: [n] int64, each in [0, V) or == ignore_index (validated by the caller).
+    labels: [n] integer (any width), each in [0, V) or == ignore_index (validated by the caller).
     Returns fp32 [n] tensors; ``entropy`` is None unless ``with_entropy``. Ignored rows give
     logp = 0, entropy = 0 and lse = 0 (their logits are never read).
 
@@ -51,7 +51,7 @@ def row_forward(x, labels, *, temperature=1.0, softcap=0.0, ignore_index=-100, w
     step = _rows_per_step(n, x.shape[1])
     for s in range(0, n, step):
         e = min(n, s + step)
-        y = labels[s:e]
+        y = labels[s:e].long()  # gather and scatter index with int64 alone
         keep = y != ignore_index
         z = _scaled(x[s:e], temperature, softcap)
         m = torch.logsumexp(z, dim=-1)
@@ -72,7 +72,7 @@ def row_backward(x, labels, lse, entropy, grad_logp, grad_entropy, out, *, tempe
     step = _rows_per_step(n, x.shape[1])
     for s in range(0, n, step):
         e = min(n, s + step)
-        y = labels[s:e]
+        y = labels[s:e].long()
         keep = (y != ignore_index).unsqueeze(1)
         z = _scaled(x[s:e], temperature, softcap)
         p = torch.exp(z - lse[s:e].unsqueeze(1))

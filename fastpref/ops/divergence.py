@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fastpref import _backends, divergences
-from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+from fastpref._validate import check_chunk_size, check_float, check_labels, check_positive, check_same_device
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops._vocab_parallel import div_forward as vocab_parallel_div_forward
@@ -243,8 +243,7 @@ def linear_token_divergence(hidden, weight, ref_hidden, ref_weight, *, divergenc
     kw = _check_common(divergence, params, labels, hidden.shape[:-1], V, ignore_index, temperature,
                        hidden.device, hidden=hidden, weight=weight, ref_hidden=ref_hidden, ref_weight=ref_weight,
                        bias=bias, ref_bias=ref_bias)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     name = resolve(backend, hidden.device, "divergence")
     args = (hidden.reshape(-1, hidden.shape[-1]), weight, bias, ref_hidden.reshape(-1, ref_hidden.shape[-1]),
             ref_weight, ref_bias, None if labels is None else labels.reshape(-1), kw, chunk_size, name)

@@ -64,8 +64,6 @@ def generator_penalty(logp, ref_logp, *, divergence="forward_kl", log_ratio_clam
     _check_pair(logp, ref_logp)
     if not isinstance(log_ratio_clamp, (int, float)) or not log_ratio_clamp > 0:
         raise ValueError(f"log_ratio_clamp must be a number > 0, got {log_ratio_clamp!r}")
-    if "js_beta" in params:
-        params["beta"] = params.pop("js_beta")
     d, param = divergences.get(divergence, params)
     u = torch.exp((logp.float() - ref_logp.float()).clamp(-log_ratio_clamp, log_ratio_clamp))
     one = torch.ones((), dtype=torch.float32, device=u.device)

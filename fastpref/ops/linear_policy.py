@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastpref import _backends
-from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+from fastpref._validate import check_chunk_size, check_float, check_labels, check_positive, check_same_device
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops.divergence import linear_token_divergence
@@ -142,8 +142,7 @@ def linear_ppo_loss(hidden, weight, labels, old_logp, advantages, mask=None, *, 
     check_labels(labels, hidden.shape[:2], V, ignore_index)
     check_positive("temperature", temperature)
     check_positive("softcap", softcap, allow_none=True)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     shape = labels.shape
     if mask is None:
         mask = labels != ignore_index

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from fastpref import _backends
-from fastpref._validate import check_float, check_labels, check_same_device
+from fastpref._validate import check_chunk_size, check_float, check_labels, check_same_device
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, chunk_buffers, head_chunk_size,
@@ -303,6 +303,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss, got {reduction!r}")
     if nll_coef < 0:
         raise ValueError(f"nll_coef must be >= 0, got {nll_coef!r}")
+    check_chunk_size(chunk_size)
     B = hidden.shape[0] // 2
     has_pre = ref_chosen_logps is not None or ref_rejected_logps is not None
     has_model = ref_hidden is not None or ref_weight is not None

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from fastpref import _backends
-from fastpref._validate import check_float, check_labels, check_positive, check_same_device
+from fastpref._validate import check_chunk_size, check_float, check_labels, check_positive, check_same_device
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops._vocab_parallel import LOCAL_IGNORE, VocabShard, first_column, fix_first_column, group_size
@@ -515,8 +515,7 @@ def linear_logprobs(hidden, weight, labels, *, bias=None, ignore_index=-100, tem
     check_labels(labels, hidden.shape[:-1], V * ranks, ignore_index)
     check_positive("temperature", temperature)
     check_positive("softcap", softcap, allow_none=True)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     name = resolve(backend, hidden.device, "logprobs")
     args = (hidden.reshape(-1, H), weight, bias, labels.reshape(-1), float(temperature), float(softcap or 0.0),
             int(ignore_index), bool(return_entropy), chunk_size, name)

@@ -46,8 +46,12 @@ PAIRWISE_TYPES = SCORE_TYPES + ("nca_pair", "bco_pair", "sppo_hard", "apo_zero",
 
 
 def _log1mexp(x):
-    """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x|."""
-    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x < 0, accurate near 0 and for large |x|. Each form sees only arguments of its own
+    range: where a form is not taken its value is discarded, but its gradient still multiplies 0, and
+    log1p(-exp(x)) at x within 6e-8 of 0 (exp(x) = 1 in fp32) has an infinite one (0 * inf = NaN)."""
+    near = x > -math.log(2)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near, -1.0, x))))
 
 
 def _check_vector(name, t, like=None):
@@ -151,8 +155,6 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     for k in list(params):
         if k in own:
             own[k] = params.pop(k)
-    if "js_beta" in params:
-        params["beta"] = params.pop("js_beta")
     div, div_param = divergences.get(divergence, params)
     if divergence != "reverse_kl" and loss_type not in SCORE_TYPES:
         raise ValueError(f"divergence={divergence!r} applies to the score-based loss types {SCORE_TYPES}, "

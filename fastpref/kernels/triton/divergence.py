@@ -301,7 +301,7 @@ def _div_bwd_kernel(
 
 
 def _check_rows(t: torch.Tensor, name: str, shape=None) -> None:
-    if t.dim() != 2 or t.stride(1) != 1:
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be [n, V] with a contiguous last dim, got shape {tuple(t.shape)} "
                          f"strides {t.stride()}")
     if shape is not None and t.shape != shape:

@@ -184,7 +184,7 @@ def _logprobs_bwd_kernel(
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:
-    if t.dim() != 2 or t.stride(1) != 1:
+    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
         raise ValueError(f"{name} must be [n, V] with a contiguous last dim, got shape {tuple(t.shape)} "
                          f"strides {t.stride()}")
     if t.dtype not in _DTYPES:
