@@ -73,6 +73,27 @@ def test_token_logprobs_large_vocab_and_one_token(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_token_logprobs_minus_inf_logits(backend):
+    """A -inf logit (a masked vocabulary entry) is probability 0: log-probs, entropy and gradients are those of
+    a large finite stand-in (the float64 oracle's), and its own gradient is 0."""
+    logits = torch.randn(4, 4099) * 3
+    logits[:, 100:300] = float("-inf")
+    logits[1, -3:] = float("-inf")  # in the GPU kernels' partial last block too
+    labels = torch.tensor([0, 5, -100, 4098])
+    x = logits.clone().requires_grad_()
+    lp, ent = fastpref.token_logprobs(x, labels, temperature=0.7, return_entropy=True, backend=backend)
+    ref_x = logits.double().clamp_min(-1e4).requires_grad_()
+    rlp, rent = logprobs_f64(ref_x, labels, temperature=0.7)
+    close(lp, rlp, 2e-5, "logp")
+    close(ent, rent, 2e-5, "entropy")
+    gl, gh = torch.randn(4), torch.randn(4)
+    ((lp * gl).sum() + (ent * gh).sum()).backward()
+    ((rlp * gl.double()).sum() + (rent * gh.double()).sum()).backward()
+    close(x.grad, ref_x.grad, 2e-5, "grad logits")
+    assert (x.grad[:, 100:300] == 0).all() and (x.grad[1, -3:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_strided_inputs(backend):
     V = 301
     full = torch.randn(2, 7, V)

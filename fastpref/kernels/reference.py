@@ -28,6 +28,9 @@ import torch
 
 # Rows per step, so fp32 temporaries stay near 64 MiB however many rows a call has.
 _TEMP_BYTES = 64 << 20
+# The floor of log-probabilities and logit differences where a -inf logit (a masked vocabulary entry, p = 0)
+# would otherwise meet a 0 in a product.
+_LOG_ZERO = torch.finfo(torch.float32).min
 
 
 def _rows_per_step(n: int, V: int) -> int:
@@ -59,8 +62,9 @@ def row_forward(x, labels, *, temperature=1.0, softcap=0.0, ignore_index=-100, w
         lse[s:e] = torch.where(keep, m, 0.0)
         logp[s:e] = torch.where(keep, zy - m, 0.0)
         if with_entropy:
-            # -sum p (z - lse) rather than lse - sum p z: no cancellation when the logits are large.
-            zc = z - m.unsqueeze(1)
+            # -sum p (z - lse) rather than lse - sum p z: no cancellation when the logits are large. The floor
+            # makes a -inf logit's term 0 (p = 0) rather than 0 * inf, and keeps NaN.
+            zc = (z - m.unsqueeze(1)).clamp_min(_LOG_ZERO)
             h = -(zc.exp() * zc).sum(-1)
             entropy[s:e] = torch.where(keep, h, 0.0)
     return logp, lse, entropy
@@ -83,7 +87,7 @@ def row_backward(x, labels, lse, entropy, grad_logp, grad_entropy, out, *, tempe
             g.scatter_add_(1, torch.where(keep.squeeze(1), y, 0).unsqueeze(1), gl)
         if grad_entropy is not None and entropy is not None:
             mu = (lse[s:e] - entropy[s:e]).unsqueeze(1)
-            g -= grad_entropy[s:e].unsqueeze(1) * p * (z - mu)
+            g -= grad_entropy[s:e].unsqueeze(1) * p * (z - mu).clamp_min(_LOG_ZERO)
         if temperature != 1.0:
             g /= temperature
         if softcap > 0:
@@ -104,6 +108,13 @@ def row_backward(x, labels, lse, entropy, grad_logp, grad_entropy, out, *, tempe
 #     either may be None (not needed) and may alias x / xr. Masked rows get zeros.
 
 
+def _log_probs(z, lse):
+    """z - lse with -inf (a masked vocabulary entry) raised to the lowest finite value: its p is still 0, and
+    the terms' products with it are 0 or, where the divergence is infinite, overflow to inf, rather than
+    0 * inf = NaN. NaN stays NaN."""
+    return (z - lse[:, None]).clamp_min(_LOG_ZERO)
+
+
 def div_forward(x, xr, labels, *, div_id, param, temperature=1.0, ignore_index=-100):
     from fastpref.divergences import BY_KERNEL_ID
 
@@ -116,7 +127,7 @@ def div_forward(x, xr, labels, *, div_id, param, temperature=1.0, ignore_index=-
         keep = torch.ones(e - s, dtype=torch.bool, device=x.device) if labels is None else labels[s:e] != ignore_index
         z, zr = _scaled(x[s:e], temperature, 0.0), _scaled(xr[s:e], temperature, 0.0)
         lse, lse_r = torch.logsumexp(z, -1), torch.logsumexp(zr, -1)
-        qf, pa, qb = terms(z - lse[:, None], zr - lse_r[:, None], param)
+        qf, pa, qb = terms(_log_probs(z, lse), _log_probs(zr, lse_r), param)
         for out, v in zip(outs, (qf.sum(-1), lse, lse_r, pa.sum(-1), qb.sum(-1))):
             out[s:e] = torch.where(keep, v, 0.0)
     return tuple(outs)
@@ -133,8 +144,8 @@ def div_backward(x, xr, labels, lse, lse_r, s_a, s_b, grad, out_x, out_xr, *, di
         e = min(n, s + step)
         keep = torch.ones(e - s, dtype=torch.bool, device=x.device) if labels is None else labels[s:e] != ignore_index
         keep = keep[:, None]
-        lp = _scaled(x[s:e], temperature, 0.0) - lse[s:e, None]
-        lq = _scaled(xr[s:e], temperature, 0.0) - lse_r[s:e, None]
+        lp = _log_probs(_scaled(x[s:e], temperature, 0.0), lse[s:e])
+        lq = _log_probs(_scaled(xr[s:e], temperature, 0.0), lse_r[s:e])
         _, pa, qb = terms(lp, lq, param)
         g = grad[s:e, None] / temperature
         if out_x is not None:

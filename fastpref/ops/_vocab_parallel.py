@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from fastpref.divergences import BY_KERNEL_ID
-from fastpref.kernels.reference import _rows_per_step, _scaled
+from fastpref.kernels.reference import _log_probs, _rows_per_step, _scaled
 
 # The label value the shard's kernels treat as ignored: never a local column, whatever the caller's ignore_index.
 LOCAL_IGNORE = -1
@@ -119,8 +119,8 @@ def div_forward(ops, x, xr, labels, group, *, div_id, param, temperature, ignore
     step = _rows_per_step(n, x.shape[1])
     for a in range(0, n, step):
         b = min(n, a + step)
-        lp = _scaled(x[a:b], temperature, 0.0) - lse[a:b, None]
-        lq = _scaled(xr[a:b], temperature, 0.0) - lse_r[a:b, None]
+        lp = _log_probs(_scaled(x[a:b], temperature, 0.0), lse[a:b])
+        lq = _log_probs(_scaled(xr[a:b], temperature, 0.0), lse_r[a:b])
         sums[:, a:b] = torch.stack([t.sum(-1) for t in terms(lp, lq, param)])
     dist.all_reduce(sums, group=group)
     keep = torch.ones(n, dtype=torch.bool, device=x.device) if labels is None else labels != ignore_index

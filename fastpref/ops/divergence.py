@@ -82,10 +82,13 @@ def token_divergence(logits, ref_logits, *, divergence="reverse_kl", labels=None
     for both, as when both come from one sampling setup).
 
     Args:
-        logits, ref_logits: [..., V], float32/bfloat16/float16 (their dtypes may differ).
-        divergence: a name in ``fastpref.divergences.REGISTRY``: reverse_kl, forward_kl, js (``beta``,
-            default 0.5), alpha (``alpha``, default 0.5, TRL's convention: alpha -> 1 is reverse KL), tv,
-            hellinger. Parameters go as keyword arguments and must lie in (0, 1).
+        logits, ref_logits: [..., V], float32/bfloat16/float16 (their dtypes may differ). A -inf logit is
+            probability 0: an entry masked on both sides adds nothing, one masked on one side alone gives
+            each term its limit (a KL that is infinite comes out as inf; on the torch backend as a number
+            past 1e30).
+        divergence: a name in ``fastpref.divergences.REGISTRY``: reverse_kl, forward_kl, js (``beta``, or
+            ``js_beta`` as the losses call it; default 0.5), alpha (``alpha``, default 0.5, TRL's convention:
+            alpha -> 1 is reverse KL), tv, hellinger. Parameters go as keyword arguments and must lie in (0, 1).
         labels: optional [...] integer tensor; it only masks positions (``ignore_index`` -> 0, no gradient).
         process_group: vocabulary parallelism (Megatron layout, as in ``token_logprobs``): both logits are this
             rank's shard [..., V_local] of the same vocabulary ids. The values are the full-vocabulary ones on

@@ -110,7 +110,8 @@ def token_logprobs(logits, labels, *, ignore_index=-100, temperature=1.0, return
 
     Args:
         logits: [..., V] float32/bfloat16/float16. Any leading shape; rows may be strided (e.g.
-            ``logits[:, :-1]``) without a copy.
+            ``logits[:, :-1]``) without a copy. A -inf logit (a masked vocabulary entry) is probability 0
+            and gets a zero gradient.
         labels: [...] integer, in [0, V) or ``ignore_index``; ignored positions give 0 and no gradient.
         temperature: > 0; the log-probs are those of the tempered distribution (as in PPO/GRPO rollouts).
         return_entropy: also return the entropy H = lse(z) - sum_v p_v z_v of each position (0 where ignored),

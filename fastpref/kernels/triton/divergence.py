@@ -31,6 +31,8 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Finite stand-in for the logits of lanes past V (or of a masked row): p = q = 0 there, so every term is
 # 0 * finite = 0 without a select per term, and no exp2 of a positive difference can overflow.
 NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
+# Bound of d2 = log2(p / q): two nonzero fp32 probabilities are at most 2^277 apart, and 2^-D2_MAX is 0.
+D2_MAX: tl.constexpr = tl.constexpr(1.0e4)
 
 DIV_REVERSE_KL: tl.constexpr = tl.constexpr(REGISTRY["reverse_kl"].kernel_id)
 DIV_FORWARD_KL: tl.constexpr = tl.constexpr(REGISTRY["forward_kl"].kernel_id)
@@ -79,13 +81,16 @@ def _terms(l2p, l2q, d2, param, k0, k1, DIV: tl.constexpr):
         qb = qf + q
     elif DIV == DIV_JS:
         # h = log2(m / p) = log2(beta + (1 - beta) 2^-d2), so lp - lm = -h ln2 and lq - lm = -(d2 + h) ln2.
-        # Factored as log2(1 - c (1 - 2^-|d2|)) + max(-d2, 0) (c = 1 - beta if d2 >= 0, else beta): the
-        # log's argument lies in (0, 1] whatever d2, and d2 = 0 gives h = 0 exactly.
+        # With l = log2(1 - c (1 - 2^-|d2|)) (c = 1 - beta if d2 >= 0, else beta; its argument lies in (0, 1]
+        # whatever d2, and d2 = 0 gives 0 exactly): h = l and d2 + h = d2 + l for d2 >= 0, h = l - d2 and
+        # d2 + h = l below, where forming l - d2 and adding d2 back would cancel (q's term would lose
+        # ulp(|d2|) of its size l).
         pos = d2 >= 0.0
-        h = tl.log2(1.0 - tl.where(pos, k0, param) * (1.0 - tl.exp2(-tl.abs(d2))))
-        h += tl.where(pos, 0.0, -d2)
+        l2 = tl.log2(1.0 - tl.where(pos, k0, param) * (1.0 - tl.exp2(-tl.abs(d2))))
+        h = tl.where(pos, l2, l2 - d2)
+        hq = tl.where(pos, d2 + l2, l2)
         pa = -(param * LN2) * p * h
-        qb = -(k0 * LN2) * q * (d2 + h)
+        qb = -(k0 * LN2) * q * hq
         qf = pa + qb
     elif DIV == DIV_ALPHA:
         # w = p^a q^(1-a) = q 2^(a d2): bounded by max(p, q), and exactly q (hence p) when d2 = 0.
@@ -140,19 +145,24 @@ def _online_block(x, xr, c, m, mr, s_acc, sr_acc, t_acc, DIV: tl.constexpr):
     er = tl.exp2(tl.fma(xr, c, -mr_new))
     s_acc = s_acc * alpha + e
     sr_acc = sr_acc * alpha_r + er
-    # KL's expectation rides along, rescaled with the sum whose weights it uses.
+    # KL's expectation rides along, rescaled with the sum whose weights it uses. A -inf logit has weight 0 and
+    # a difference of -inf (NaN with both -inf), which NEG_BIG's floor turns into a term of 0, not NaN; +inf
+    # (q = 0 < p) stays: the divergence is infinite.
     if DIV == DIV_REVERSE_KL:
-        t_acc = t_acc * alpha + e * (x - xr)
+        t_acc = t_acc * alpha + e * tl.maximum(x - xr, NEG_BIG)
     elif DIV == DIV_FORWARD_KL:
-        t_acc = t_acc * alpha_r + er * (xr - x)
+        t_acc = t_acc * alpha_r + er * tl.maximum(xr - x, NEG_BIG)
     return m_new, mr_new, s_acc, sr_acc, t_acc
 
 
 @triton.jit
 def _terms_raw(x, xr, c, lse2, lse2_r, dl, param, k0, k1, DIV: tl.constexpr):
     """``_terms`` of raw logits: log2 p = x c - lse2 and d2 = (x - xr) c - dl, each one FFMA (x - xr is
-    exact for 16-bit logits, and 0 for identical rows, whose d2 is then exactly 0)."""
-    return _terms(tl.fma(x, c, -lse2), tl.fma(xr, c, -lse2_r), tl.fma(x - xr, c, -dl), param, k0, k1, DIV)
+    exact for 16-bit logits, and 0 for identical rows, whose d2 is then exactly 0). d2 is held to
+    [-D2_MAX, D2_MAX]: finite logits never leave it where p and q are both nonzero, and a -inf logit (p or
+    q = 0, d2 infinite or NaN) then gives each term its limit rather than 0 * inf."""
+    d2 = tl.minimum(tl.maximum(tl.fma(x - xr, c, -dl), -D2_MAX), D2_MAX)
+    return _terms(tl.fma(x, c, -lse2), tl.fma(xr, c, -lse2_r), d2, param, k0, k1, DIV)
 
 
 @triton.jit

@@ -94,7 +94,8 @@ def _online_block(x, c, m, s_acc, t_acc, WITH_ENTROPY: tl.constexpr):
     # Per-lane accumulators rescaled by one scalar: one reduction per block (the max), not two or three.
     s_acc = s_acc * alpha + e
     if WITH_ENTROPY:
-        t_acc = t_acc * alpha + e * x
+        # A -inf logit has weight 0: NEG_BIG's floor makes its term 0 rather than 0 * inf.
+        t_acc = t_acc * alpha + e * tl.maximum(x, NEG_BIG)
     return m_new, s_acc, t_acc
 
 
@@ -176,7 +177,7 @@ def _logprobs_bwd_kernel(
         if HAS_GRAD_LOGP:
             dz = gl * (tl.where(idx == y, 1.0, 0.0) - p)
         if HAS_ENTROPY:
-            dz -= gh * p * ((w - mu2) * LN2)
+            dz -= gh * p * (tl.maximum(w - mu2, NEG_BIG) * LN2)  # 0, not 0 * inf, at a -inf logit
         dx = dz * inv_temperature
         if SOFTCAP:
             dx *= sech2
