@@ -238,3 +238,6 @@ def test_linear_dpo_errors():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
             fastpref.linear_dpo_loss(hidden, weight, labels, chunk_size=bad, **kw)
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="nll_coef must be a finite number >= 0"):
+            fastpref.linear_dpo_loss(hidden, weight, labels, nll_coef=bad, **kw)

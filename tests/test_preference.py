@@ -198,6 +198,9 @@ def test_preference_errors():
         fastpref.dpo_loss(w, l, rw, rl, loss_type="bco_pair", divergence="js")
     with pytest.raises(ValueError, match="has no DPO score"):
         fastpref.dpo_loss(w, l, rw, rl, divergence="tv")
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="center_coef must be a finite number >= 0"):
+            fastpref.bt_loss(w, l, center_coef=bad)
     with pytest.raises(ValueError, match="unknown divergence"):
         fastpref.dpo_loss(w, l, rw, rl, divergence="kl")
     with pytest.raises(ValueError, match="needs label_smoothing > 0"):

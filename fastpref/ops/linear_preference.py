@@ -15,6 +15,8 @@ and a pair's loss gradient is known as soon as its last token's log-prob is:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastpref import _backends
@@ -301,8 +303,8 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss, got {reduction!r}")
-    if nll_coef < 0:
-        raise ValueError(f"nll_coef must be >= 0, got {nll_coef!r}")
+    if not isinstance(nll_coef, (int, float)) or not 0 <= nll_coef < math.inf:
+        raise ValueError(f"nll_coef must be a finite number >= 0, got {nll_coef!r}")
     check_chunk_size(chunk_size)
     B = hidden.shape[0] // 2
     has_pre = ref_chosen_logps is not None or ref_rejected_logps is not None

@@ -280,8 +280,8 @@ def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, r
     _check_vector("rejected_rewards", rejected_rewards, chosen_rewards)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(center_coef, (int, float)) or center_coef < 0:
-        raise ValueError(f"center_coef must be a number >= 0, got {center_coef!r}")
+    if not isinstance(center_coef, (int, float)) or not 0 <= center_coef < math.inf:
+        raise ValueError(f"center_coef must be a finite number >= 0, got {center_coef!r}")
     name = resolve(backend, chosen_rewards.device, "pairwise")
     # A Python number stays a number (the kernel's scalar; no host-to-device copy), anything else a tensor.
     if margin is not None and not isinstance(margin, (int, float)):
