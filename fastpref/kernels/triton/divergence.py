@@ -31,8 +31,6 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # Finite stand-in for the logits of lanes past V (or of a masked row): p = q = 0 there, so every term is
 # 0 * finite = 0 without a select per term, and no exp2 of a positive difference can overflow.
 NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
-# Bound of d2 = log2(p / q): two nonzero fp32 probabilities are at most 2^277 apart, and 2^-D2_MAX is 0.
-D2_MAX: tl.constexpr = tl.constexpr(1.0e4)
 
 DIV_REVERSE_KL: tl.constexpr = tl.constexpr(REGISTRY["reverse_kl"].kernel_id)
 DIV_FORWARD_KL: tl.constexpr = tl.constexpr(REGISTRY["forward_kl"].kernel_id)
@@ -158,10 +156,11 @@ def _online_block(x, xr, c, m, mr, s_acc, sr_acc, t_acc, DIV: tl.constexpr):
 @triton.jit
 def _terms_raw(x, xr, c, lse2, lse2_r, dl, param, k0, k1, DIV: tl.constexpr):
     """``_terms`` of raw logits: log2 p = x c - lse2 and d2 = (x - xr) c - dl, each one FFMA (x - xr is
-    exact for 16-bit logits, and 0 for identical rows, whose d2 is then exactly 0). d2 is held to
-    [-D2_MAX, D2_MAX]: finite logits never leave it where p and q are both nonzero, and a -inf logit (p or
-    q = 0, d2 infinite or NaN) then gives each term its limit rather than 0 * inf."""
-    d2 = tl.minimum(tl.maximum(tl.fma(x - xr, c, -dl), -D2_MAX), D2_MAX)
+    exact for 16-bit logits, and 0 for identical rows, whose d2 is then exactly 0). d2 is held to the finite
+    [NEG_BIG, -NEG_BIG], which finite logits never leave (the KL and alpha terms need their exact d2 even
+    where the other side's probability underflows): a -inf logit's infinite d2 (NaN with both -inf) then
+    meets its zero weight as a finite number, and each term takes its limit rather than 0 * inf."""
+    d2 = tl.minimum(tl.maximum(tl.fma(x - xr, c, -dl), NEG_BIG), -NEG_BIG)
     return _terms(tl.fma(x, c, -lse2), tl.fma(xr, c, -lse2_r), d2, param, k0, k1, DIV)
 
 
