@@ -59,10 +59,12 @@ def check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def check_positive(name: str, value, *, allow_none: bool = False) -> None:
+def check_positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    """A finite number > 0 (>= 0 with ``allow_zero``), or None with ``allow_none``."""
     if value is None and allow_none:
         return
     # abs(value) < inf rather than math.isfinite, which breaks a torch.compile(dynamic=True) graph: Dynamo makes
     # float defaults symbolic there.
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) < math.inf or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) < math.inf or value < 0
+            or (value == 0 and not allow_zero)):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value!r}")

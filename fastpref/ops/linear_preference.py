@@ -15,12 +15,10 @@ and a pair's loss gradient is known as soon as its last token's log-prob is:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastpref import _backends
-from fastpref._validate import check_chunk_size, check_float, check_labels, check_same_device
+from fastpref._validate import check_chunk_size, check_float, check_labels, check_positive, check_same_device
 from fastpref.ops import compiling, resolve
 from fastpref.ops._sharded import gathered
 from fastpref.ops.logprobs import (HeadGrads, _accumulate_fp32, _chunk_logits, chunk_buffers, head_chunk_size,
@@ -303,8 +301,7 @@ def linear_dpo_loss(hidden, weight, labels, *, bias=None, ref_chosen_logps=None,
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum' for linear_dpo_loss, got {reduction!r}")
-    if not isinstance(nll_coef, (int, float)) or not 0 <= nll_coef < math.inf:
-        raise ValueError(f"nll_coef must be a finite number >= 0, got {nll_coef!r}")
+    check_positive("nll_coef", nll_coef, allow_zero=True)
     check_chunk_size(chunk_size)
     B = hidden.shape[0] // 2
     has_pre = ref_chosen_logps is not None or ref_rejected_logps is not None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from fastpref import _backends, divergences
+from fastpref._validate import check_positive
 from fastpref.ops import compiling, resolve
 
 
@@ -139,9 +140,7 @@ def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps=None, ref_rejected_l
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
-    # Not math.isfinite: see _validate.check_positive.
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not abs(beta) < math.inf or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    check_positive("beta", beta)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
     if loss_type == "exo_pair" and label_smoothing == 0:
@@ -280,8 +279,7 @@ def bt_loss(chosen_rewards, rejected_rewards, *, margin=None, center_coef=0.0, r
     _check_vector("rejected_rewards", rejected_rewards, chosen_rewards)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not isinstance(center_coef, (int, float)) or not 0 <= center_coef < math.inf:
-        raise ValueError(f"center_coef must be a finite number >= 0, got {center_coef!r}")
+    check_positive("center_coef", center_coef, allow_zero=True)
     name = resolve(backend, chosen_rewards.device, "pairwise")
     # A Python number stays a number (the kernel's scalar; no host-to-device copy), anything else a tensor.
     if margin is not None and not isinstance(margin, (int, float)):
