@@ -79,8 +79,9 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(config, items):
     if not config.getoption("--gpu-only"):
         return
-    keep = [item for item in items if runs_on_gpu(item)]
-    dropped = [item for item in items if not runs_on_gpu(item)]
+    on_gpu = [runs_on_gpu(item) for item in items]
+    keep = [item for item, gpu in zip(items, on_gpu) if gpu]
+    dropped = [item for item, gpu in zip(items, on_gpu) if not gpu]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = keep

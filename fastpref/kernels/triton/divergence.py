@@ -24,13 +24,8 @@ import triton
 import triton.language as tl
 
 from fastpref.divergences import BY_KERNEL_ID, REGISTRY
-
-_LOG2E = 1.4426950408889634
-LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
-LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-# Finite stand-in for the logits of lanes past V (or of a masked row): p = q = 0 there, so every term is
-# 0 * finite = 0 without a select per term, and no exp2 of a positive difference can overflow.
-NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
+from fastpref.kernels.triton.logprobs import _DTYPES, _LOG2E, LN2, LOG2E, NEG_BIG
+from fastpref.kernels.triton.logprobs import _check_rows as _check_layout
 
 DIV_REVERSE_KL: tl.constexpr = tl.constexpr(REGISTRY["reverse_kl"].kernel_id)
 DIV_FORWARD_KL: tl.constexpr = tl.constexpr(REGISTRY["forward_kl"].kernel_id)
@@ -51,8 +46,6 @@ _CONFIGS = (
     (1024, 1024, 4),
     (None, 2048, 4),
 )
-
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _config(V: int) -> tuple[int, int]:
@@ -165,6 +158,15 @@ def _terms_raw(x, xr, c, lse2, lse2_r, dl, param, k0, k1, DIV: tl.constexpr):
 
 
 @triton.jit
+def _terms_block(x_row, xr_row, v0, cols, V, c, lse2, lse2_r, dl, param, k0, k1, qf_acc, pa_acc, qb_acc,
+                 DIV: tl.constexpr, TAIL: tl.constexpr):
+    """The forward's second pass over one block: the per-lane sums of qf, pa and qb."""
+    x, xr = _load_rows(x_row, xr_row, v0, cols, V, TAIL)
+    _, _, qf, pa, qb = _terms_raw(x, xr, c, lse2, lse2_r, dl, param, k0, k1, DIV)
+    return qf_acc + qf, pa_acc + pa, qb_acc + qb
+
+
+@triton.jit
 def _div_fwd_kernel(
     x_ptr, xr_ptr, labels_ptr, value_ptr, lse_ptr, lse_r_ptr, sa_ptr, sb_ptr,
     V, stride_x, stride_xr, ignore_index,
@@ -215,17 +217,11 @@ def _div_fwd_kernel(
         pa_acc = tl.zeros((BLOCK_V,), tl.float32)
         qb_acc = tl.zeros((BLOCK_V,), tl.float32)
         for v0 in range(0, v_full, BLOCK_V):
-            x, xr = _load_rows(x_row, xr_row, v0, cols, V, False)
-            _, _, qf, pa, qb = _terms_raw(x, xr, scale, lse2, lse2_r, dl, param, k0, k1, DIV)
-            qf_acc += qf
-            pa_acc += pa
-            qb_acc += qb
+            qf_acc, pa_acc, qb_acc = _terms_block(x_row, xr_row, v0, cols, V, scale, lse2, lse2_r, dl, param, k0,
+                                                  k1, qf_acc, pa_acc, qb_acc, DIV, False)
         if v_full < v_end:
-            x, xr = _load_rows(x_row, xr_row, v_full, cols, V, True)
-            _, _, qf, pa, qb = _terms_raw(x, xr, scale, lse2, lse2_r, dl, param, k0, k1, DIV)
-            qf_acc += qf
-            pa_acc += pa
-            qb_acc += qb
+            qf_acc, pa_acc, qb_acc = _terms_block(x_row, xr_row, v_full, cols, V, scale, lse2, lse2_r, dl, param, k0,
+                                                  k1, qf_acc, pa_acc, qb_acc, DIV, True)
         value = tl.sum(qf_acc, axis=0)
         s_a = tl.sum(pa_acc, axis=0)
         s_b = tl.sum(qb_acc, axis=0)
@@ -310,13 +306,9 @@ def _div_bwd_kernel(
 
 
 def _check_rows(t: torch.Tensor, name: str, shape=None) -> None:
-    if t.dim() != 2 or (t.shape[1] > 1 and t.stride(1) != 1):
-        raise ValueError(f"{name} must be [n, V] with a contiguous last dim, got shape {tuple(t.shape)} "
-                         f"strides {t.stride()}")
+    _check_layout(t, name)
     if shape is not None and t.shape != shape:
         raise ValueError(f"{name} shape {tuple(t.shape)} != x shape {tuple(shape)}")
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"{name} must be float32/bfloat16/float16, got {t.dtype}")
 
 
 def _coefficients(div_id: int, param: float) -> tuple[float, float]:

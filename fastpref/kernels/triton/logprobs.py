@@ -22,8 +22,9 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 # in 1 - e as u -> 0 (and a softcapped logit near 0 would carry that error into logp), while at 0.25 the
 # series' truncation error (~0.009 u^10 relative) is already far below fp32 epsilon.
 TANH_SERIES_MAX: tl.constexpr = tl.constexpr(0.25)
-# Finite stand-in for -inf: the running max starts there, so a block whose real logits are all -inf cannot
-# produce exp2(-inf - -inf), and masked lanes give exp2(.) = 0 and 0 * x = 0 (never 0 * inf = nan).
+# Finite stand-in for -inf (divergence.py's too): the running max starts there, so a block whose real logits
+# are all -inf cannot produce exp2(-inf - -inf), and the lanes past V take it, so p (and q) = 0 there and every
+# term is 0 * finite = 0 (never 0 * inf = nan) without a select per term.
 NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
 
 # (largest V, BLOCK_V, num_warps), first match wins. The table is short because the AOT check compiles
